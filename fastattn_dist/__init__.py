@@ -1,0 +1,22 @@
+"""fastattn-dist: a tensor-parallel attention block that hides its all-reduce behind attention.
+
+Public API:
+  attention(q, k, v, mask="causal", q_offset=0, backend="auto", return_lse=False)
+  TPAttention(hidden_size, num_heads, num_kv_heads=None, *, tiles="auto", group=None, ...)
+  masks: NoMask, Causal, SlidingWindow(window), KeyPadding(lengths)
+  LinkModel(latency_us, gbps): the simulated interconnect of CPU ranks
+  init_distributed(...), shutdown(), spawn_ranks(fn, world_size, ...)
+"""
+from .attention import attention
+from .block import TPAttention
+from .config import LinkModel, TilePlanOptions
+from .masks import Causal, KeyPadding, Mask, NoMask, SlidingWindow
+from .parallel.process_group import DistContext, init_distributed, shutdown
+from .parallel.spawn import RankFailedError, spawn_ranks
+from .parallel.tiling_allreduce import TilePlan
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "TPAttention", "LinkModel", "TilePlanOptions", "Causal", "KeyPadding", "Mask",
+           "NoMask", "SlidingWindow", "DistContext", "init_distributed", "shutdown", "spawn_ranks",
+           "RankFailedError", "TilePlan", "__version__"]

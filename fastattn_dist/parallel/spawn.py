@@ -6,6 +6,7 @@ overall deadline. The first rank to fail is named in the error, together with wh
 """
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_mod
 import time
@@ -41,6 +42,21 @@ def _root_cause(errors: dict, order: list) -> int:
     return min(dict.fromkeys(order), key=lambda r: (rank_of(r), order.index(r)))
 
 
+def _pack(obj) -> bytes:
+    # Plain bytes, not torch's shared-memory handles: those die with the rank that made them.
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, threads: Optional[int],
             fn: Callable, args: Sequence[Any], results) -> None:
     import torch
@@ -53,7 +69,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
         init_distributed(backend, rank=rank, world_size=world_size, master_port=port, timeout_s=timeout_s,
                          launcher="spawn")
         out = fn(rank, world_size, *args)
-        results.put(("ok", rank, out))
+        results.put(("ok", rank, _pack(out)))
     except BaseException as e:  # report everything, including KeyboardInterrupt/SystemExit, then die
         summary = f"{type(e).__name__}: {e}"
         results.put(("error", rank, (summary, traceback.format_exc())))
@@ -108,7 +124,7 @@ def spawn_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), *, back
                 break
             try:
                 kind, rank, payload = results.get(timeout=0.2)
-                (outputs.__setitem__(rank, payload) if kind == "ok" else fail(rank, payload))
+                (outputs.__setitem__(rank, _unpack(payload)) if kind == "ok" else fail(rank, payload))
                 continue
             except queue_mod.Empty:
                 pass

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Launch a fastattn-dist command under mpirun (needs the 'mpi' extra: mpi4py + an MPI).
+# Rank 0 picks the rendezvous address and port; mpi4py broadcasts them (see parallel/process_group.py).
+#
+#   one node, 2 ranks:   launch/mpirun.sh demo
+#   one node, 4 ranks:   NP=4 launch/mpirun.sh demo --heads 16 --kv-heads 4
+#   several nodes:       NP=16 HOSTFILE=hosts.txt launch/mpirun.sh bench     (hosts.txt: "node1 slots=8" lines)
+#   Slurm:               srun -N 2 --ntasks-per-node 8 python -m fastattn_dist bench   (SLURM_* variables are read)
+set -euo pipefail
+NP=${NP:-2}
+args=(-n "$NP")
+[ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
+# Open MPI refuses root and more ranks than cores by default; containers and CI runners are often both.
+if mpirun --version 2>/dev/null | grep -q "Open MPI"; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  args+=(--oversubscribe)
+fi
+exec mpirun "${args[@]}" "${PYTHON:-python}" -m fastattn_dist "$@"

@@ -1,0 +1,96 @@
+"""TPAttention's API in one process (world size 1): construction, weights, inputs, masks, errors."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import REL_TOL, rel_err
+from fastattn_dist import KeyPadding, SlidingWindow, TPAttention
+from fastattn_dist.block import rope
+from fastattn_dist.reference_block import reference_block
+from rank_jobs import make_input, make_weights
+
+
+def test_single_process_block_matches_reference():
+    blk = TPAttention(64, 8, 2, rope_theta=500.0)
+    w = make_weights(64, 8, 2)
+    blk.load_full_weights(*w)
+    x = make_input(2, 29, 64)
+    for mask in ("causal", "none", SlidingWindow(4), KeyPadding([10, 29])):
+        for tiles in (1, 4, "auto"):
+            y = blk(x, mask=mask, tiles=tiles)
+            ref = reference_block(x, *w, 8, 2, mask=mask, rope_theta=500.0)
+            assert rel_err(y, ref) < REL_TOL[torch.float32], (mask, tiles)
+
+
+def test_load_full_weights_accepts_linear_modules():
+    lin = [nn.Linear(32, 32, bias=False), nn.Linear(32, 16, bias=False), nn.Linear(32, 16, bias=False),
+           nn.Linear(32, 32, bias=False)]
+    blk = TPAttention(32, 4, 2, tiles=1)
+    blk.load_full_weights(*lin)
+    assert torch.equal(blk.q_proj.weight, lin[0].weight) and torch.equal(blk.o_proj.weight, lin[3].weight)
+
+
+def test_rope_rotates_pairs_and_keeps_norms():
+    x = torch.randn(1, 9, 2, 16, dtype=torch.float64)
+    y = rope(x, 10000.0)
+    assert torch.allclose(y[:, 0], x[:, 0])  # position 0: no rotation
+    assert torch.allclose(y[..., :8].pow(2) + y[..., 8:].pow(2), x[..., :8].pow(2) + x[..., 8:].pow(2))
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(hidden_size=64, num_heads=6), ValueError),
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=3), ValueError),
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=0), ValueError),
+    (dict(hidden_size=64.0, num_heads=8), TypeError),
+    (dict(hidden_size=64, num_heads=8, tiles=0), ValueError),
+    (dict(hidden_size=64, num_heads=8, tiles=-2), ValueError),
+    (dict(hidden_size=64, num_heads=8, tiles=2.5), TypeError),
+    (dict(hidden_size=64, num_heads=8, tiles="3"), ValueError),
+    (dict(hidden_size=64, num_heads=8, tiles=True), TypeError),
+    (dict(hidden_size=64, num_heads=8, rope_theta=-1.0), ValueError),
+    (dict(hidden_size=64, num_heads=8, dtype=torch.int32), TypeError),
+    (dict(hidden_size=64, num_heads=8, backend="fast"), ValueError),
+    (dict(hidden_size=64, num_heads=8, link=5), TypeError),
+])
+def test_bad_construction(kwargs, exc):
+    with pytest.raises(exc):
+        TPAttention(**kwargs)
+
+
+def test_bad_weights():
+    blk = TPAttention(32, 4, 2)
+    good = make_weights(32, 4, 2)
+    for i in range(4):
+        bad = list(good)
+        bad[i] = bad[i].t().contiguous() if i in (1, 2) else torch.randn(3, 3)
+        with pytest.raises(ValueError, match="must have shape"):
+            blk.load_full_weights(*bad)
+    with pytest.raises(TypeError):
+        blk.load_full_weights("wq", *good[1:])
+
+
+@pytest.mark.parametrize("x,mask,exc", [
+    (torch.randn(5, 32), "causal", ValueError),                         # 2-D
+    (torch.randn(1, 5, 31), "causal", ValueError),                      # wrong hidden
+    (torch.randn(1, 0, 32), "causal", ValueError),                      # empty sequence
+    (torch.randn(0, 5, 32), "causal", ValueError),                      # empty batch
+    (torch.randn(1, 5, 32, dtype=torch.float64), "causal", TypeError),  # dtype
+    (torch.randn(1, 5, 32, device="meta"), "causal", ValueError),       # device
+    ([[1.0]], "causal", TypeError),
+    (torch.randn(1, 5, 32), "diagonal", ValueError),                    # unknown mask
+    (torch.randn(1, 5, 32), 7, TypeError),
+    (torch.randn(1, 5, 32), SlidingWindow(0), ValueError),              # window < 1
+    (torch.randn(2, 5, 32), KeyPadding([5, 6]), ValueError),            # length > seq
+    (torch.randn(2, 5, 32), KeyPadding([0, 5]), ValueError),            # length < 1
+    (torch.randn(2, 5, 32), KeyPadding([5]), ValueError),               # one length per sequence
+])
+def test_bad_forward_input(x, mask, exc):
+    blk = TPAttention(32, 4, 2)
+    with pytest.raises(exc):
+        blk(x, mask=mask)
+
+
+def test_forward_tiles_override_is_validated():
+    blk = TPAttention(32, 4, 2)
+    with pytest.raises(ValueError):
+        blk(torch.randn(1, 5, 32), tiles=0)

@@ -1,0 +1,52 @@
+"""Bad input fails on every rank before any collective; a rank that raises, dies or hangs is named, never a hang."""
+import time
+
+import pytest
+import torch
+
+from fastattn_dist import RankFailedError, spawn_ranks
+from rank_jobs import construct_block, die_on, forward_with, hang_on, raise_on
+
+
+@pytest.mark.parametrize("job,args", [(raise_on, (1,)), (die_on, (1,)), (raise_on, (0,)), (die_on, (2,))],
+                         ids=["raise1", "die1", "raise0", "die2"])
+def test_failing_rank_is_named(job, args):
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        spawn_ranks(job, 3, args, timeout_s=30)
+    assert info.value.rank == args[0], str(info.value)
+    assert f"rank {args[0]} of 3 failed" in str(info.value)
+    assert time.monotonic() - t0 < 30
+
+
+def test_hung_rank_times_out_and_is_named():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        spawn_ranks(hang_on, 2, (1, 60), timeout_s=3, deadline_s=20)
+    assert info.value.rank == 1, str(info.value)
+    assert time.monotonic() - t0 < 25
+
+
+BAD_BLOCKS = [
+    (dict(hidden_size=48, num_heads=6, num_kv_heads=2), "divisible by the world size"),       # 6 heads, 4 ranks
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=2), "num_kv_heads (2) must be divisible"),  # 2 kv, 4 ranks
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=3), "divisible by num_kv_heads"),
+    (dict(hidden_size=60, num_heads=8, num_kv_heads=4), "hidden_size (60) must be divisible"),
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=4, tiles=0), "tiles must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_BLOCKS, ids=[m[:24] for _, m in BAD_BLOCKS])
+def test_bad_block_fails_on_every_rank(kwargs, message):
+    with pytest.raises(RankFailedError) as info:
+        spawn_ranks(construct_block, 4, (kwargs,), timeout_s=30)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2, 3]
+    for r, (summary, _) in errors.items():  # each rank raised it itself: nobody waited on a collective
+        assert summary.startswith("ValueError") and message in summary, (r, summary)
+
+
+def test_bad_forward_input_fails_on_every_rank():
+    with pytest.raises(RankFailedError) as info:
+        spawn_ranks(forward_with, 2, ((1, 0, 16), torch.float32, "causal"), timeout_s=30)
+    assert all(s.startswith("ValueError") and "empty" in s for s, _ in info.value.errors.values())

@@ -1,0 +1,88 @@
+"""Tile plans and the cost model behind tiles="auto" (pure logic: no ranks)."""
+import pytest
+import torch
+
+from fastattn_dist import Causal, LinkModel, NoMask, SlidingWindow, TilePlan
+from fastattn_dist.config import TilePlanOptions
+from fastattn_dist.parallel.tiling_allreduce import cost_balanced_plan, tile_segments
+from fastattn_dist.tuning import PROFILES, BlockCost, DeviceProfile, choose_plan, simulate
+
+CPU = PROFILES["cpu"]
+
+
+def cost(batch=1, seq=1024, world=2, hidden=1024, heads=8, dim=64):
+    return BlockCost(batch, seq, hidden, heads, dim, world, 4)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (1, 5), (7, 3), (37, 7), (100, 100), (1000, 13)])
+def test_plan_covers_rows_with_non_empty_tiles(rows, n):
+    plan = cost_balanced_plan(torch.rand(rows) + 0.1, n)
+    assert plan.bounds[0] == 0 and plan.rows == rows and plan.num_tiles == min(n, rows)
+    assert all(r1 > r0 for r0, r1 in plan.ranges)
+
+
+def test_causal_plan_balances_cost_and_keeps_the_last_tile_small():
+    c = cost(seq=4096)
+    rc = c.row_costs(Causal(), CPU)
+    plan = cost_balanced_plan(rc, 6, last_tile_share=0.5)
+    sizes = [r1 - r0 for r0, r1 in plan.ranges]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 2 * sizes[-2]  # later rows cost more
+    tile_cost = [float(rc[r0:r1].sum()) for r0, r1 in plan.ranges]
+    for t in tile_cost[:-1]:
+        assert t == pytest.approx(tile_cost[0], rel=0.02)
+    assert tile_cost[-1] == pytest.approx(0.5 * tile_cost[0], rel=0.05)
+    # Without a mask every row costs the same: equal tiles but the last.
+    sizes = [r1 - r0 for r0, r1 in cost_balanced_plan(cost(seq=4096).row_costs(NoMask(), CPU), 5, 1.0).ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_bad_plans_are_rejected():
+    for bounds in ((0,), (1, 5), (0, 3, 3), (0, 5, 2)):
+        with pytest.raises(ValueError):
+            TilePlan(bounds)
+
+
+def test_segments_cover_rows_across_sequences():
+    S = 7
+    for r0, r1 in ((0, 21), (3, 17), (5, 6), (7, 14), (6, 8)):
+        rows = []
+        for b0, b1, s0, s1 in tile_segments(r0, r1, S):
+            assert b1 == b0 + 1 or (s0 == 0 and s1 == S)
+            rows += [b * S + s for b in range(b0, b1) for s in range(s0, s1)]
+        assert rows == list(range(r0, r1))
+
+
+def test_simulate_matches_hand_computed_pipeline():
+    prof = DeviceProfile("toy", 1.0, 1.0, tile_overhead_s=0.0, comm_latency_s=0.0, comm_bus_bytes_s=1e30)
+    c = BlockCost(1, 4, 1, 1, 1, 2, 1)
+    row_cost = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    link = LinkModel(latency_us=0, gbps=1e-9)  # 1 byte per row, ring factor 1 at world 2: 1 s per row
+    one = simulate(TilePlan.single(4), row_cost, c, prof, link)
+    assert one.block_s == pytest.approx(8.0) and one.exposed_s == pytest.approx(4.0)
+    two = simulate(TilePlan((0, 2, 4)), row_cost, c, prof, link)
+    # compute 0-2, 2-4; comm 2-4, 4-6: block 6, exposed 2
+    assert two.block_s == pytest.approx(6.0) and two.exposed_s == pytest.approx(2.0)
+
+
+def test_auto_never_tiles_where_it_cannot_pay():
+    assert choose_plan(cost(world=1), Causal(), profile=CPU).plan.num_tiles == 1
+    assert choose_plan(cost(seq=8), Causal(), profile=CPU).plan.num_tiles == 1  # less than two min tiles
+    # Comm negligible against compute: tiling only adds overhead.
+    fast_link = DeviceProfile("fast", 25e9, 90e9, 300e-6, 0.0, 1e15)
+    assert choose_plan(cost(seq=512), Causal(), profile=fast_link).plan.num_tiles == 1
+
+
+def test_auto_tiles_when_comm_is_comparable_to_compute():
+    pred = choose_plan(cost(seq=1024), Causal(), profile=CPU, link=LinkModel(50, 0.08))
+    single = simulate(TilePlan.single(1024), cost(seq=1024).row_costs(Causal(), CPU), cost(seq=1024), CPU,
+                      LinkModel(50, 0.08))
+    assert pred.plan.num_tiles > 1 and pred.block_s < 0.9 * single.block_s
+    assert pred.exposed_s < 0.5 * single.exposed_s
+
+
+def test_auto_respects_options():
+    opts = TilePlanOptions(max_tiles=3)
+    pred = choose_plan(cost(seq=2048), SlidingWindow(256), profile=CPU, link=LinkModel(50, 0.05), options=opts)
+    assert 1 < pred.plan.num_tiles <= 3
+    with pytest.raises(ValueError):
+        TilePlanOptions(last_tile_share=0)

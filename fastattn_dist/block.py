@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import attention, resolve_backend
+from .attention import resolve_backend
 from .config import LinkModel, TilePlanOptions
 from .masks import MaskLike, resolve_mask
+from .attention import run_backend
+from .parallel.graphs import CapturedCall, capture_cuda, run_eagerly
 from .parallel.link import AllReduceStream
 from .parallel.sharding import TPShape, shard_full_weights
 from .parallel.tiling_allreduce import TilePlan, run_pipeline, tile_segments
@@ -63,7 +65,8 @@ class TPAttention(nn.Module):
                  tiles: Tiles = "auto", group=None, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, rope_theta: Optional[float] = None,
                  backend: str = "auto", link: Optional[LinkModel] = None,
-                 profile: Optional[DeviceProfile] = None, plan_options: TilePlanOptions = TilePlanOptions()):
+                 profile: Optional[DeviceProfile] = None, plan_options: TilePlanOptions = TilePlanOptions(),
+                 cuda_graph: bool = False):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dist.is_available() and dist.is_initialized():
@@ -97,6 +100,11 @@ class TPAttention(nn.Module):
         self.last_plan: Optional[TilePlan] = None
         self._comm: Optional[AllReduceStream] = None
         self._plan_cache: dict = {}
+        # Replay the tiled part as one CUDA graph per input shape; the returned output buffer is reused
+        # by the next call of that shape. On CPU the same path runs eagerly on the static buffers.
+        self.cuda_graph = bool(cuda_graph)
+        self._graph_capture = capture_cuda if self.o_proj.weight.device.type == "cuda" else run_eagerly
+        self._graphs: dict = {}
 
     @property
     def world_size(self) -> int:
@@ -159,27 +167,80 @@ class TPAttention(nn.Module):
         """``x``: ``[batch, seq, hidden]``, the same on every rank. Returns the all-reduced output."""
         self._check_input(x)
         m = resolve_mask(mask)
-        B, S, H = x.shape
-        m.validate(B, S)
-        plan = self.plan_for(B, S, m, tiles)
-        self.last_plan = plan
-        s = self.shape
-        Hl, Hkvl, D = s.local_heads, s.local_kv_heads, s.head_dim
+        m.validate(x.shape[0], x.shape[1])
         rec = self.recorder
-        comm = self._comm_stream()
-        comm.enable_timing(rec is not None)
         if rec is not None:
             block_tok = rec.begin("block", -1, lane="block")
             tok = rec.begin("qkv", -1)
-        q = self.q_proj(x).view(B, S, Hl, D)
-        k = self.k_proj(x).view(B, S, Hkvl, D)
-        v = self.v_proj(x).view(B, S, Hkvl, D)
-        if self.rope_theta is not None:
-            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+        q, k, v = self.project_qkv(x)
         if rec is not None:
             rec.end(tok)
-        attn_buf = torch.empty(B * S, Hl * D, dtype=x.dtype, device=x.device)
-        out = torch.empty(B * S, H, dtype=x.dtype, device=x.device)
+        y = self._attend(q, k, v, m, tiles)
+        if rec is not None:
+            rec.end(block_tok)
+        return y
+
+    def project_qkv(self, x: torch.Tensor):
+        """This rank's q ``[B, S, local_heads, D]`` and k, v ``[B, S, local_kv_heads, D]`` (RoPE applied)."""
+        B, S, _ = x.shape
+        s = self.shape
+        q = self.q_proj(x).view(B, S, s.local_heads, s.head_dim)
+        k = self.k_proj(x).view(B, S, s.local_kv_heads, s.head_dim)
+        v = self.v_proj(x).view(B, S, s.local_kv_heads, s.head_dim)
+        if self.rope_theta is not None:
+            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+        return q, k, v
+
+    @torch.no_grad()
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike = "causal",
+               tiles: Optional[Tiles] = None) -> torch.Tensor:
+        """Attention -> o_proj -> all-reduce, tiled, from this rank's projected q, k, v (``project_qkv``'s layout)."""
+        s = self.shape
+        w = self.o_proj.weight
+        for name, t, heads in (("q", q, s.local_heads), ("k", k, s.local_kv_heads), ("v", v, s.local_kv_heads)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2:] != (heads, s.head_dim):
+                raise ValueError(f"{name} must be [batch, seq, {heads}, {s.head_dim}] (this rank's heads), "
+                                 f"got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype != w.dtype or t.device != w.device:
+                raise TypeError(f"{name} must be {w.dtype} on {w.device}, got {t.dtype} on {t.device}")
+        if k.shape[:2] != q.shape[:2] or v.shape != k.shape or q.shape[0] < 1 or q.shape[1] < 1:
+            raise ValueError(f"q, k, v must share a non-empty [batch, seq], got {list(q.shape)}, {list(k.shape)}, "
+                             f"{list(v.shape)}")
+        m = resolve_mask(mask)
+        m.validate(q.shape[0], q.shape[1])
+        return self._attend(q, k, v, m, tiles)
+
+    def _attend(self, q, k, v, m, tiles) -> torch.Tensor:
+        B, S = q.shape[:2]
+        plan = self.plan_for(B, S, m, tiles)
+        self.last_plan = plan
+        if self.cuda_graph and self.recorder is None:
+            key = (B, S, m.describe(), plan.bounds)
+            call = self._graphs.get(key)
+            if call is None:
+                fn = lambda q_, k_, v_, out: self._run_tiles(q_, k_, v_, m, plan, out)
+                call = CapturedCall(fn, (q, k, v), (B, S, self.shape.hidden_size), self._graph_capture)
+                self._graphs[key] = call
+            return call(q, k, v)
+        out = torch.empty(B, S, self.shape.hidden_size, dtype=q.dtype, device=q.device)
+        return self._run_tiles(q, k, v, m, plan, out)
+
+    def _scratch(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """The o_proj input buffer, allocated once per shape and reused (never returned to the user)."""
+        buf = getattr(self, "_attn_buf", None)
+        if buf is None or buf.shape != (rows, cols) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+            self._attn_buf = buf
+        return buf
+
+    def _run_tiles(self, q, k, v, m, plan: TilePlan, out: torch.Tensor) -> torch.Tensor:
+        B, S, Hl, D = q.shape
+        H = self.shape.hidden_size
+        rec = self.recorder
+        comm = self._comm_stream()
+        comm.enable_timing(rec is not None)
+        attn_buf = self._scratch(B * S, Hl * D, q)
+        out_rows = out.view(B * S, H)
         w_o = self.o_proj.weight
 
         def compute_tile(i: int, r0: int, r1: int) -> torch.Tensor:
@@ -187,12 +248,12 @@ class TPAttention(nn.Module):
                 t = rec.begin("attention", i)
             for b0, b1, s0, s1 in tile_segments(r0, r1, S):
                 dst = attn_buf[b0 * S + s0: (b1 - 1) * S + s1].view(b1 - b0, s1 - s0, Hl, D)
-                attention(q[b0:b1, s0:s1], k[b0:b1], v[b0:b1], m.slice_batch(b0, b1), q_offset=s0,
-                          backend=self.backend, out=dst)
+                run_backend(self.backend, q[b0:b1, s0:s1], k[b0:b1], v[b0:b1], m.slice_batch(b0, b1),
+                            q_offset=s0, out=dst)
             if rec is not None:
                 rec.end(t)
                 t = rec.begin("o_proj", i)
-            piece = out[r0:r1]
+            piece = out_rows[r0:r1]
             torch.matmul(attn_buf[r0:r1], w_o.t(), out=piece)
             if rec is not None:
                 rec.end(t)
@@ -201,8 +262,7 @@ class TPAttention(nn.Module):
         handles = run_pipeline(plan, compute_tile, comm)
         if rec is not None:
             rec.comm(handles)
-            rec.end(block_tok)
-        return out.view(B, S, H)
+        return out
 
     def extra_repr(self) -> str:
         s = self.shape

@@ -94,3 +94,25 @@ def test_forward_tiles_override_is_validated():
     blk = TPAttention(32, 4, 2)
     with pytest.raises(ValueError):
         blk(torch.randn(1, 5, 32), tiles=0)
+
+
+def test_graph_mode_reuses_static_buffers_and_stays_correct():
+    """The CUDA-graph code path (static inputs/outputs, one capture per shape), run eagerly on CPU."""
+    w = make_weights(64, 8, 2)
+    eager = TPAttention(64, 8, 2, tiles=3)
+    graph = TPAttention(64, 8, 2, tiles=3, cuda_graph=True)
+    captures = []
+    real_capture = graph._graph_capture
+    graph._graph_capture = lambda fn: (captures.append(fn), real_capture(fn))[1]
+    for blk in (eager, graph):
+        blk.load_full_weights(*w)
+    outs = []
+    for seed in (1, 2, 3):
+        x = make_input(2, 21, 64, seed=seed)
+        y = graph(x)
+        assert torch.equal(y, eager(x))
+        outs.append(y)
+    assert len(captures) == 1                      # one capture for the repeated shape
+    assert outs[0] is outs[2]                      # the static output buffer is handed back each time
+    graph(make_input(1, 9, 64))
+    assert len(captures) == 2                      # a new shape captures again

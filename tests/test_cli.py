@@ -49,3 +49,17 @@ def test_demo_bad_arguments(args, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_quick_runs_every_variant_on_cpu(tmp_path):
+    """The GPU benchmark's code path (baseline, parts, tiles 1/auto/fixed, graph mode) on gloo ranks."""
+    r = run_cli("bench", "--quick", "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--tile-counts", "3",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "bench_block.json").read_text())
+    assert len(data["results"]) == 2
+    for res in data["results"]:
+        assert set(res["runs"]) == {"eager_t1", "eager_tauto", "eager_t3", "graph_t1", "graph_tauto", "graph_t3"}
+        assert all("error" not in v for v in res["runs"].values()), res["runs"]
+        assert res["max_rel_err"] < 1e-5
+    assert "| 256/8 | 301 |" in (tmp_path / "bench_block.md").read_text()

@@ -80,6 +80,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike 
         raise ValueError(f"out must be a {q.dtype} tensor of shape {list(q.shape)} on {q.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
     which = resolve_backend(backend, q.device)
+    return run_backend(which, q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
+                       block_q=block_q, block_k=block_k, stats=stats)
+
+
+def run_backend(which: str, q, k, v, m, *, q_offset: int = 0, scale: Optional[float] = None,
+                return_lse: bool = False, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
+                block_k: Optional[int] = None, stats: Optional[BlockStats] = None):
+    """``attention`` without validation, for callers that validated once (the block, per tile)."""
     if which == "reference":
         res = reference_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse)
         if out is not None:
@@ -96,6 +104,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike 
     from .sdpa import sdpa_attention
     return sdpa_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
 
-
-__all__ = ["attention", "check_qkv", "resolve_backend", "BACKENDS", "BlockStats",
+__all__ = ["attention", "run_backend", "check_qkv", "resolve_backend", "BACKENDS", "BlockStats",
            "reference_attention", "tiled_attention"]

@@ -14,18 +14,6 @@ from .parallel.process_group import DEFAULT_TIMEOUT_S, detect_launcher, init_dis
 from .parallel.spawn import RankFailedError, spawn_ranks
 
 
-def _tiles(value: str):
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tiles must be an int >= 1 or 'auto', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"tiles must be >= 1, got {n}")
-    return n
-
-
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -34,6 +22,15 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {n}")
     return n
+
+
+def _tiles(value: str):
+    if value == "auto":
+        return value
+    try:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"tiles must be an int >= 1 or 'auto', got {value!r}") from None
 
 
 def add_block_options(p: argparse.ArgumentParser) -> None:

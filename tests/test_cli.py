@@ -37,7 +37,7 @@ def test_demo_json(extra):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tiles", "0"], "tiles must be >= 1"),
+    (["--tiles", "0"], "tiles must be an int >= 1"),
     (["--tiles", "many"], "tiles must be an int"),
     (["--world-size", "4", "--heads", "6", "--kv-heads", "2", "--hidden", "96"], "divisible by the world size"),
     (["--mask", "diagonal"], "unknown mask"),

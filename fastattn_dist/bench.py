@@ -87,10 +87,10 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: L
     wo = (torch.randn(hidden, Hl * D, generator=g) * (hidden ** -0.5)).to(device=device, dtype=dtype)
     measure = _timer(device, repeats, warmup)
 
-    def baseline():
+    def baseline():  # what a user writes: default process group, one all_reduce at the end
         a = _sdpa_best(q, k, v).reshape(seq, Hl * D)
         y = a @ wo.t()
-        dist.all_reduce(y, group=group)
+        dist.all_reduce(y)
         return y
 
     attn_out = _sdpa_best(q, k, v).reshape(seq, Hl * D)
@@ -99,7 +99,7 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: L
     r["baseline_ms"] = measure(baseline)
     r["attn_ms"] = measure(lambda: _sdpa_best(q, k, v))
     r["oproj_ms"] = measure(lambda: attn_out @ wo.t())
-    r["allreduce_ms"] = measure(lambda: dist.all_reduce(y_full, group=group))
+    r["allreduce_ms"] = measure(lambda: dist.all_reduce(y_full))
     r["ideal_ms"] = max(r["attn_ms"] + r["oproj_ms"], r["allreduce_ms"])
     ref = baseline().double()
 
@@ -135,14 +135,28 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: L
     return r
 
 
+def comm_group(max_ctas: int, high_priority: bool):
+    """A process group over all ranks whose NCCL kernels may use at most ``max_ctas`` SMs, so the
+    attention kernels of the next tile keep the rest. None (the default group) when not on NCCL."""
+    if dist.get_backend() != "nccl" or not max_ctas:
+        return None
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = high_priority
+    opts.config.max_ctas = max_ctas
+    opts.config.min_ctas = min(max_ctas, 1)
+    return dist.new_group(list(range(dist.get_world_size())), pg_options=opts)
+
+
 def run_rank(rank: int, world: int, opts: dict) -> List[dict]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    group = comm_group(opts.get("comm_max_ctas") or 0, opts.get("comm_high_priority", False))
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[opts["dtype"]]
     results = []
     for hidden, heads, seq in opts["grid"]:
         kv = opts.get("kv_heads") or heads
         r = bench_shape(hidden, heads, kv, seq, opts["tile_counts"], device, dtype, opts["repeats"], opts["warmup"],
-                        opts["graphs"])
+                        opts["graphs"], group=group)
+        r["comm_max_ctas"] = opts.get("comm_max_ctas") or "default"
         results.append(r)
         if rank == 0:
             print(f"[bench] hidden {hidden} S {seq}: baseline {r['baseline_ms']:.3f} ms, best {r['best_variant']} "
@@ -153,7 +167,7 @@ def run_rank(rank: int, world: int, opts: dict) -> List[dict]:
 
 def markdown(results: List[dict], meta: dict) -> str:
     lines = [f"Command: `{meta['command']}`  ", f"Device: {meta['device']}, TP={meta['world']}, {meta['dtype']}, "
-             f"causal, batch 1; torch {meta['torch']}; date {meta['date']}  ",
+             f"causal, batch 1; torch {meta['torch']}; date {meta['date']}; our comm: {meta['comm']}  ",
              f"Times: median of repeats, {meta['timer']}, max over ranks (ms). Baseline: SDPA (default backend) + "
              "o_proj GEMM + one all_reduce, in sequence, measured in the same run.", "",
              "| hidden/heads | S | attn | o_proj | all-reduce | baseline | ideal | ours t=1 | ours auto (tiles) | "
@@ -190,7 +204,8 @@ def cmd_bench(args) -> int:
     if args.hidden:
         grid = [g for g in grid if g[0] in args.hidden]
     opts = {"grid": grid, "tile_counts": args.tile_counts, "dtype": args.dtype, "repeats": args.repeats,
-            "warmup": args.warmup, "graphs": not args.no_graphs, "kv_heads": args.kv_heads}
+            "warmup": args.warmup, "graphs": not args.no_graphs, "kv_heads": args.kv_heads,
+            "comm_max_ctas": args.comm_max_ctas, "comm_high_priority": args.comm_high_priority}
 
     cfg = BenchShape(args.world_size, grid[0][0], grid[0][1], args.kv_heads or grid[0][1])
     results = run_job(_job, args, cfg, (opts,))
@@ -199,6 +214,8 @@ def cmd_bench(args) -> int:
     meta = {"command": "fastattn-dist " + " ".join(sys.argv[1:]), "world": results[0]["world"],
             "dtype": args.dtype, "torch": torch.__version__, "date": date.today().isoformat(),
             "timer": "CUDA events" if torch.cuda.is_available() else "host clock",
+            "comm": (f"NCCL group with max_ctas={args.comm_max_ctas}" + (", high-priority stream"
+                     if args.comm_high_priority else "")) if args.comm_max_ctas else "default process group",
             "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU")}
     md = markdown(results, meta)
     print(md)
@@ -232,5 +249,8 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=_positive_int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph variants")
+    p.add_argument("--comm-max-ctas", type=int, default=0,
+                   help="NCCL: our block's all-reduces use a group limited to this many CTAs (0: default group)")
+    p.add_argument("--comm-high-priority", action="store_true", help="NCCL: high-priority stream for that group")
     p.add_argument("--out", default=None, help="folder for bench_block.md and bench_block.json")
     p.set_defaults(func=cmd_bench)

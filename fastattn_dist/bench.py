@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .block import TPAttention
+from .parallel.ce_allreduce import copy_engine_available
 
 GRID = [(4096, 32, 2048), (4096, 32, 8192), (4096, 32, 32768), (8192, 64, 2048), (8192, 64, 8192),
         (8192, 64, 32768)]
@@ -104,16 +105,18 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: L
     ref = baseline().double()
 
     blocks = {}
-    for use_graph in ([False, True] if graphs else [False]):
-        blk = TPAttention(hidden, heads, kv_heads, tiles="auto", dtype=dtype, device=device, group=group,
-                          cuda_graph=use_graph)
-        with torch.no_grad():
-            blk.o_proj.weight.copy_(wo)
-        blocks[use_graph] = blk
+    comms = ["nccl"] + (["copy_engine"] if copy_engine_available(device) else [])
+    for comm in comms:
+        for use_graph in ([False, True] if graphs else [False]):
+            blk = TPAttention(hidden, heads, kv_heads, tiles="auto", dtype=dtype, device=device, group=group,
+                              cuda_graph=use_graph, comm=comm)
+            with torch.no_grad():
+                blk.o_proj.weight.copy_(wo)
+            blocks[(comm, use_graph)] = blk
     runs = {}
-    for use_graph, blk in blocks.items():
+    for (comm, use_graph), blk in blocks.items():
         for tiles in [1, "auto", *tile_counts]:
-            name = f"{'graph' if use_graph else 'eager'}_t{tiles}"
+            name = f"{'ce_' if comm == 'copy_engine' else ''}{'graph' if use_graph else 'eager'}_t{tiles}"
             try:
                 y = blk.attend(q, k, v, "causal", tiles=tiles).double()
                 err = ((y - ref).norm() / ref.norm()).item()
@@ -125,7 +128,7 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: L
     r["runs"] = runs
     ok = {n: v for n, v in runs.items() if "ms" in v}
     best = min(ok, key=lambda n: ok[n]["ms"])
-    auto = min((n for n in ok if n.endswith("_tauto")), key=lambda n: ok[n]["ms"])
+    auto = min((n for n in ok if n.endswith("_tauto") and not n.startswith("ce_")), key=lambda n: ok[n]["ms"])
     for tag, n in (("best", best), ("auto", auto)):
         r[f"{tag}_variant"], r[f"{tag}_ms"] = n, ok[n]["ms"]
         r[f"{tag}_speedup"] = r["baseline_ms"] / ok[n]["ms"]

@@ -18,6 +18,7 @@ from .config import LinkModel, TilePlanOptions
 from .masks import MaskLike, resolve_mask
 from .attention import run_backend
 from .parallel.graphs import CapturedCall, capture_cuda, run_eagerly
+from .parallel.ce_allreduce import CopyEngineAllReduce, copy_engine_available
 from .parallel.link import AllReduceStream
 from .parallel.sharding import TPShape, shard_full_weights
 from .parallel.tiling_allreduce import TilePlan, run_pipeline, tile_segments
@@ -66,7 +67,7 @@ class TPAttention(nn.Module):
                  device: Optional[torch.device] = None, rope_theta: Optional[float] = None,
                  backend: str = "auto", link: Optional[LinkModel] = None,
                  profile: Optional[DeviceProfile] = None, plan_options: TilePlanOptions = TilePlanOptions(),
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, comm: str = "nccl"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dist.is_available() and dist.is_initialized():
@@ -83,6 +84,9 @@ class TPAttention(nn.Module):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         if link is not None and not isinstance(link, LinkModel):
             raise TypeError(f"link must be a LinkModel, got {type(link).__name__}")
+        if comm not in ("nccl", "copy_engine"):
+            raise ValueError(f"comm must be 'nccl' (the process group's all-reduce) or 'copy_engine', got {comm!r}")
+        self.comm = comm
         self.rope_theta = rope_theta
         self.group = group
         self.link = link
@@ -157,9 +161,13 @@ class TPAttention(nn.Module):
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the block's weights are on {w.device}")
 
-    def _comm_stream(self) -> AllReduceStream:
+    def _comm_stream(self):
         if self._comm is None:
-            self._comm = AllReduceStream(self.group, self.link, self.o_proj.weight.device)
+            device = self.o_proj.weight.device
+            if self.comm == "copy_engine" and copy_engine_available(device, self.group):
+                self._comm = CopyEngineAllReduce(self.group, device)
+            else:  # the process group's own all-reduce (also where copy engines are not available: CPU)
+                self._comm = AllReduceStream(self.group, self.link, device)
         return self._comm
 
     @torch.no_grad()
@@ -240,7 +248,7 @@ class TPAttention(nn.Module):
         comm = self._comm_stream()
         comm.enable_timing(rec is not None)
         attn_buf = self._scratch(B * S, Hl * D, q)
-        out_rows = out.view(B * S, H)
+        partials = comm.prepare(out.view(B * S, H))  # where o_proj writes: out, or a symmetric buffer
         w_o = self.o_proj.weight
 
         def compute_tile(i: int, r0: int, r1: int) -> torch.Tensor:
@@ -253,7 +261,7 @@ class TPAttention(nn.Module):
             if rec is not None:
                 rec.end(t)
                 t = rec.begin("o_proj", i)
-            piece = out_rows[r0:r1]
+            piece = partials[r0:r1]
             torch.matmul(attn_buf[r0:r1], w_o.t(), out=piece)
             if rec is not None:
                 rec.end(t)

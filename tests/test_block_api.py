@@ -51,6 +51,7 @@ def test_rope_rotates_pairs_and_keeps_norms():
     (dict(hidden_size=64, num_heads=8, dtype=torch.int32), TypeError),
     (dict(hidden_size=64, num_heads=8, backend="fast"), ValueError),
     (dict(hidden_size=64, num_heads=8, link=5), TypeError),
+    (dict(hidden_size=64, num_heads=8, comm="nvshmem"), ValueError),
 ])
 def test_bad_construction(kwargs, exc):
     with pytest.raises(exc):

@@ -86,3 +86,14 @@ def test_auto_respects_options():
     assert 1 < pred.plan.num_tiles <= 3
     with pytest.raises(ValueError):
         TilePlanOptions(last_tile_share=0)
+
+
+@pytest.mark.parametrize("r0,r1,world", [(0, 10, 2), (5, 6, 4), (3, 40, 3), (0, 2, 4)])
+def test_copy_engine_chunks_partition_the_tile(r0, r1, world):
+    from fastattn_dist.parallel.ce_allreduce import chunk_bounds
+
+    chunks = chunk_bounds(r0, r1, world)
+    assert len(chunks) == world and chunks[0][0] == r0 and chunks[-1][1] == r1
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    sizes = [c1 - c0 for c0, c1 in chunks]
+    assert max(sizes) - min(sizes) <= 1

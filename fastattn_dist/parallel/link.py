@@ -75,7 +75,11 @@ class AllReduceStream:
         """Record per-tile comm spans (CUDA events on the comm stream, or gloo completion callbacks)."""
         self._timing = on
 
-    def start(self, tensor: torch.Tensor, tile: int) -> CommHandle:
+    def prepare(self, out: torch.Tensor) -> torch.Tensor:
+        """Where compute writes the tiles' partial sums: ``out`` itself (the all-reduce is in place)."""
+        return out
+
+    def start(self, tensor: torch.Tensor, tile: int, rows=None) -> CommHandle:
         h = CommHandle(tile, tensor.numel() * tensor.element_size())
         if self.world_size == 1:
             return h

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, List, Tuple
 
 import torch
 
-from .link import AllReduceStream, CommHandle
+from .link import CommHandle
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,15 @@ def tile_segments(r0: int, r1: int, seq_len: int) -> Iterator[Tuple[int, int, in
 
 
 def run_pipeline(plan: TilePlan, compute_tile: Callable[[int, int, int], torch.Tensor],
-                 comm: AllReduceStream) -> List[CommHandle]:
-    """For each tile: ``compute_tile(i, r0, r1)`` returns the tile's partial-sum slice; all-reduce it async."""
+                 comm) -> List[CommHandle]:
+    """For each tile: ``compute_tile(i, r0, r1)`` returns the tile's partial-sum slice; all-reduce it async.
+
+    ``comm`` is an ``AllReduceStream`` (NCCL or gloo) or a ``CopyEngineAllReduce``: ``start(piece, i, rows)``
+    issues one tile, ``wait_all(handles)`` orders the caller after all of them.
+    """
     handles = []
     for i, (r0, r1) in enumerate(plan.ranges):
         piece = compute_tile(i, r0, r1)
-        handles.append(comm.start(piece, i))
+        handles.append(comm.start(piece, i, (r0, r1)))
     comm.wait_all(handles)
     return handles

@@ -20,13 +20,13 @@ def _gpu_grid(rank, world, cases):
     for hidden, heads, kv, batch, seq, mask in cases:
         w = make_weights(hidden, heads, kv)
         x = make_input(batch, seq, hidden)
-        for graph in (False, True):
-            blk = fa.TPAttention(hidden, heads, kv, dtype=torch.bfloat16, device=dev, cuda_graph=graph)
+        for graph, comm in ((False, "nccl"), (True, "nccl"), (False, "copy_engine"), (True, "copy_engine")):
+            blk = fa.TPAttention(hidden, heads, kv, dtype=torch.bfloat16, device=dev, cuda_graph=graph, comm=comm)
             blk.load_full_weights(*w)
             xb = x.to(dev, torch.bfloat16)
             for tiles in (1, 3, 8, "auto"):
                 y = blk(xb, mask=mask, tiles=tiles).float().cpu()
-                res[(hidden, seq, mask, graph, tiles)] = y
+                res[(hidden, seq, mask, graph, comm, tiles)] = y
     return res
 
 
@@ -42,7 +42,7 @@ def test_tiled_equals_sequential_on_gpus(world):
         w = make_weights(hidden, heads, kv)
         x = make_input(batch, seq, hidden)
         ref = reference_block(x.bfloat16().double(), *[t.bfloat16().double() for t in w], heads, kv, mask=mask)
-        seq_out = out[0][(hidden, seq, mask, False, 1)]
+        seq_out = out[0][(hidden, seq, mask, False, "nccl", 1)]
         for key, y in out[0].items():
             if key[:3] != (hidden, seq, mask):
                 continue

@@ -1,0 +1,117 @@
+"""All-reduce of a tile through copy engines: symmetric memory, pull-based, intra-node only.
+
+NCCL's all-reduce kernels occupy SMs that the next tile's attention wants (NOTES.md, cause 2).
+Here the o_proj partials are written straight into a symmetric buffer that every rank of the node
+can address, and per tile, on the comm stream:
+
+  1. barrier: every rank's partial rows of this tile are written;
+  2. reduce-scatter by pulling: rank r owns chunk r of the tile's rows; it copies chunk r of every
+     rank's buffer (peer-to-peer memcpy: the copy engines, not SMs) into a staging buffer, sums
+     the n copies in rank order (one small memory-bound kernel) and writes the sum to its own
+     buffer and to the output;
+  3. barrier: every chunk is reduced;
+  4. all-gather by pulling: copy each peer's reduced chunk into the output (copy engines again).
+
+Each chunk is summed by one rank only, so every rank ends with the same bits. A last barrier at
+the end of the block keeps a rank from overwriting its buffer while a peer still reads it. All
+barriers carry a timeout, so a dead peer turns into an error, not a hang.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .link import CommHandle
+
+BARRIER_TIMEOUT_MS = 120_000
+
+
+def chunk_bounds(r0: int, r1: int, world_size: int) -> List[Tuple[int, int]]:
+    """Rows [r0, r1) split into ``world_size`` contiguous chunks; chunk p is reduced by rank p."""
+    n = r1 - r0
+    return [(r0 + p * n // world_size, r0 + (p + 1) * n // world_size) for p in range(world_size)]
+
+
+def copy_engine_available(device: torch.device, group=None) -> bool:
+    """Symmetric memory needs CUDA peer access between all ranks of the group (one node)."""
+    if device.type != "cuda" or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return False
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CopyEngineAllReduce:
+    """Same interface as ``AllReduceStream`` (prepare / start / wait_all) over symmetric memory."""
+
+    def __init__(self, group=None, device: torch.device = None, comm_stream_priority: int = -1) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self._symm_mem = symm_mem
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.device = device
+        self._stream = torch.cuda.Stream(device=device, priority=comm_stream_priority)
+        self._key = None
+        self._out = None
+
+    def enable_timing(self, on: bool = True) -> None:
+        self._timing = on
+
+    def _buffers(self, rows: int, cols: int, dtype: torch.dtype):
+        key = (rows, cols, dtype)
+        if self._key != key:  # collective: every rank sees the same shapes in the same order
+            enable = getattr(self._symm_mem, "enable_symm_mem_for_group", None)
+            if enable is not None:
+                enable(self.group.group_name)
+            self._buf = self._symm_mem.empty(rows, cols, dtype=dtype, device=self.device)
+            self._handle = self._symm_mem.rendezvous(self._buf, self.group)
+            self._peers = [self._handle.get_buffer(p, (rows, cols), dtype) for p in range(self.world_size)]
+            most = -(-rows // self.world_size)
+            self._staging = torch.empty(self.world_size, most, cols, dtype=dtype, device=self.device)
+            self._key = key
+        return self._buf
+
+    def prepare(self, out: torch.Tensor) -> torch.Tensor:
+        """Where compute writes the partial sums: this rank's symmetric buffer (``out`` gets the result)."""
+        self._out = out
+        return self._buffers(out.shape[0], out.shape[1], out.dtype)
+
+    def start(self, piece: torch.Tensor, tile: int, rows: Tuple[int, int]) -> CommHandle:
+        h = CommHandle(tile, piece.numel() * piece.element_size())
+        r0, r1 = rows
+        chunks = chunk_bounds(r0, r1, self.world_size)
+        c0, c1 = chunks[self.rank]
+        out, bar = self._out, self._handle.barrier
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            if getattr(self, "_timing", False):
+                h.start_event = torch.cuda.Event(enable_timing=True)
+                h.start_event.record()
+            bar(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+            if c1 > c0:
+                staging = self._staging[:, : c1 - c0]
+                for p in range(self.world_size):
+                    staging[p].copy_(self._peers[p][c0:c1], non_blocking=True)
+                torch.sum(staging, dim=0, out=out[c0:c1])
+                self._buf[c0:c1].copy_(out[c0:c1], non_blocking=True)
+            bar(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+            for p, (p0, p1) in enumerate(chunks):
+                if p != self.rank and p1 > p0:
+                    out[p0:p1].copy_(self._peers[p][p0:p1], non_blocking=True)
+            if getattr(self, "_timing", False):
+                h.end_event = torch.cuda.Event(enable_timing=True)
+                h.end_event.record()
+        return h
+
+    def wait_all(self, handles) -> None:
+        with torch.cuda.stream(self._stream):
+            # Nobody rewrites its buffer (next block) while a peer may still be pulling from it.
+            self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        self._out.record_stream(self._stream)

@@ -1,0 +1,116 @@
+"""What every rank runs for ``fastattn-dist profile``: record the block, then gather to rank 0.
+
+Per run (sequential = 1 tile, then tiled): warm-up calls with no recorder, then ``repeats``
+recorded calls, each after a barrier so the ranks start together. Rank 0 returns the gathered
+``Profile`` (on rank 0's clock) and what the report needs; other ranks return None.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..block import TPAttention
+from ..demo import DTYPES, DemoConfig, make_inputs
+from ..masks import resolve_mask
+from .gather import estimate_clock_offsets, gather_profile
+from .recorder import SpanRecorder, TorchProfilerRecorder
+
+RUNS = ("sequential", "tiled")
+
+
+def _device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier(device: torch.device) -> None:
+    # An all-reduce, waited for on the host: a barrier on gloo and NCCL alike.
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.zeros(1, device=device)
+        dist.all_reduce(t)
+        t.item()
+
+
+def record_runs(block: TPAttention, x, mask, runs, warmup: int, repeats: int, recorder: SpanRecorder,
+                log=None) -> None:
+    """For each ``(label, tiles)``: ``warmup`` calls unrecorded, then ``repeats`` recorded ones."""
+    device = x.device
+    for label, tiles in runs:
+        if log:
+            log(f"[profile] {label}: {warmup} warm-up, {repeats} recorded")
+        for _ in range(warmup):
+            block(x, mask=mask, tiles=tiles)
+        recorder.run = label
+        for i in range(repeats):
+            recorder.step = i
+            _barrier(device)
+            _sync(device)
+            block.recorder = recorder
+            try:
+                block(x, mask=mask, tiles=tiles)
+            finally:
+                block.recorder = None
+        _sync(device)
+
+
+def torch_profile(block: TPAttention, x, mask, tiles, path: str) -> str:
+    """One tiled call under torch.profiler with record_function ranges for our spans; Chrome trace to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    block(x, mask=mask, tiles=tiles)  # warm: the profiled call is a steady-state one
+    rec = TorchProfilerRecorder(block.rank, x.device)
+    rec.run = "torch-profiler"
+    _barrier(x.device)
+    with profile(activities=acts) as prof:
+        block.recorder = rec
+        try:
+            block(x, mask=mask, tiles=tiles)
+        finally:
+            block.recorder = None
+        _sync(x.device)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    prof.export_chrome_trace(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def profile_rank(rank: int, world_size: int, cfg: DemoConfig, opts: Optional[dict] = None) -> Optional[dict]:
+    """Everything one rank does for ``profile``. Needs the process group initialised (any launcher)."""
+    opts = opts or {}
+    device = _device()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (cfg.verbose and rank == 0) else None
+    mask = resolve_mask(cfg.mask)
+    block = TPAttention(cfg.hidden, cfg.heads, cfg.kv_heads, tiles=cfg.tiles, dtype=DTYPES[cfg.dtype],
+                        device=device, rope_theta=cfg.rope_theta, backend=cfg.backend, link=cfg.link())
+    weights, x = make_inputs(cfg, device)
+    block.load_full_weights(*weights)
+    plan = block.plan_for(cfg.batch, cfg.seq, mask)
+    if log:
+        log(f"[profile] {world_size} ranks, {cfg.describe()}")
+        log(f"[profile] tile plan ({cfg.tiles}): {plan.num_tiles} tiles, rows {list(plan.bounds)}")
+    rec = SpanRecorder(rank, device)
+    record_runs(block, x, mask, (("sequential", 1), ("tiled", cfg.tiles)), cfg.warmup, cfg.repeats, rec, log)
+    spans = rec.spans()
+    torch_trace = None
+    if opts.get("torch_profiler"):
+        out = opts.get("out") or "."
+        torch_trace = torch_profile(block, x, mask, cfg.tiles, os.path.join(out, f"torch_trace_rank{rank}.json"))
+        if log:
+            log(f"[profile] torch.profiler trace of one tiled call: {torch_trace} (one per rank)")
+    clock = estimate_clock_offsets()
+    meta = {"device": str(device), "attention_backend": block.backend, "plan": list(plan.bounds),
+            "num_tiles": plan.num_tiles, "describe": cfg.describe(), "dtype": cfg.dtype}
+    prof = gather_profile(spans, clock, meta)
+    return {"profile": prof, "torch_trace": torch_trace} if rank == 0 else None

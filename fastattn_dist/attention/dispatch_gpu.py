@@ -1,0 +1,30 @@
+"""What ``backend="auto"`` means on a CUDA device: the Triton kernel where it runs, else PyTorch SDPA."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("fastattn_dist")
+_told = set()  # (device index, reason) already logged: say it once per process
+
+
+def auto_backend(device: torch.device) -> str:
+    """"triton" on CUDA compute capability >= 8.0 with Triton importable; else "sdpa" (logged once, with why)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    reason = None
+    if (major, minor) < (8, 0):
+        reason = f"compute capability {major}.{minor} is below 8.0"
+    else:
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the install
+            reason = f"Triton is not importable ({e})"
+    if reason is None:
+        return "triton"
+    if (idx, reason) not in _told:
+        _told.add((idx, reason))
+        log.warning("attention backend 'auto' on cuda:%d falls back to PyTorch SDPA (memory-efficient kernel): %s",
+                    idx, reason)
+    return "sdpa"

@@ -1,0 +1,230 @@
+"""The Triton kernel under TRITON_INTERPRET=1 on CPU against the float64 reference.
+
+Odd lengths (1, 17, 130), every mask, q_offset, GQA 1/2/4, head_dim 32/64, fp32 and fp16, the
+out= slice of a [tokens, heads*head_dim] buffer, LSE, and keys a mask skips poisoned with NaN.
+Both load paths run: plain pointers and the TMA descriptors (the interpreter emulates them).
+Sizes are small on purpose: the interpreter runs each program in Python.
+"""
+import importlib
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+# Before triton is imported (and before our kernels are decorated): run them in the interpreter.
+# Only where there is no GPU, so that a full `pytest` on a GPU machine keeps the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("interpreter tests: set TRITON_INTERPRET=1 (the GPU checks are in tests/gpu)", allow_module_level=True)
+
+from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow, attention  # noqa: E402
+from fastattn_dist.attention import reference_attention  # noqa: E402
+
+if "fastattn_dist.attention.triton_fa" in sys.modules:  # imported earlier without the interpreter: rebuild
+    importlib.reload(sys.modules["fastattn_dist.attention.triton_fa"])
+from fastattn_dist.attention import triton_fa  # noqa: E402
+
+assert triton_fa.INTERPRETED
+
+# ||out - ref|| / ||ref|| by input dtype (stated once). fp32: exact products in the interpreter (no
+# TF32 on CPU), so only summation-order rounding; fp16: P is rounded to fp16 before P @ V.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+LSE_TOL = 1e-4  # absolute, natural log units; LSE is accumulated in fp32 for every input dtype
+
+
+def make_mask(name, B, S, q_offset=0):
+    total = S + q_offset
+    return {
+        "none": lambda: NoMask(),
+        "causal": lambda: Causal(),
+        "window": lambda: SlidingWindow(7),
+        "pad_causal": lambda: KeyPadding([max(1, total // 2), total][:B] + [total] * (B - 2)),
+        "pad_full": lambda: KeyPadding([total, max(1, total - 5)][:B] + [total] * (B - 2), causal=False),
+    }[name]()
+
+
+def rand(*shape, dtype, g):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return rand(B, Sq, Hq, D, dtype=dtype, g=g), rand(B, Sk, Hkv, D, dtype=dtype, g=g), rand(B, Sk, Hkv, D, dtype=dtype, g=g)
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(out, lse, q, k, v, mask, q_offset, what):
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), mask, q_offset=q_offset, return_lse=True)
+    err = rel(out, ref)
+    assert err <= TOL[q.dtype], f"{what}: ||out-ref||/||ref|| = {err:.2e} > {TOL[q.dtype]:.0e}"
+    if lse is not None:
+        assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(fin, torch.isfinite(lse)), f"{what}: -inf LSE rows differ"
+        assert torch.equal(ref_lse[~fin], lse.double()[~fin])
+        if fin.any():
+            d = (lse.double()[fin] - ref_lse[fin]).abs().max().item()
+            assert d <= LSE_TOL, f"{what}: LSE off by {d:.2e}"
+
+
+@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
+def load_path(request, monkeypatch):
+    """Run a test through the pointer loads and through the TMA-descriptor loads."""
+    monkeypatch.setitem(triton_fa.INTERPRET_CONFIG, "USE_TMA", request.param)
+    return request.param
+
+
+# (B, Sq, Sk, Hq, Hkv, D, mask, q_offset, dtype): a covering subset, not the full product, so the
+# interpreter stays fast. Every mask meets an odd length, q_offset > 0, a GQA ratio and both dtypes.
+F32, F16 = torch.float32, torch.float16
+CASES = [
+    (1, 1, 1, 2, 2, 32, "causal", 0, F32),
+    (2, 17, 17, 4, 1, 32, "none", 0, F16),
+    (2, 17, 17, 2, 1, 64, "causal", 0, F32),
+    (1, 130, 130, 2, 2, 32, "causal", 0, F16),
+    (1, 130, 130, 4, 1, 64, "none", 0, F32),
+    (1, 33, 130, 4, 2, 32, "causal", 97, F32),   # a tile of the last rows at its causal offset
+    (1, 1, 130, 4, 4, 64, "causal", 129, F16),   # one decode row
+    (2, 17, 17, 4, 2, 32, "window", 0, F32),
+    (1, 130, 130, 2, 1, 64, "window", 0, F16),
+    (1, 41, 130, 2, 2, 32, "window", 89, F32),
+    (2, 17, 17, 2, 2, 64, "pad_causal", 0, F16),
+    (2, 33, 130, 4, 1, 32, "pad_causal", 97, F32),
+    (2, 130, 130, 2, 1, 32, "pad_full", 0, F32),
+    (2, 17, 17, 4, 2, 64, "pad_full", 0, F16),
+    (1, 17, 130, 2, 1, 32, "none", 40, F16),     # q_offset is irrelevant without causal
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-Sq{c[1]}-Sk{c[2]}-H{c[3]}/{c[4]}-d{c[5]}-{c[6]}"
+                         f"-off{c[7]}-{str(c[8])[6:]}")
+def test_matches_reference(case):
+    B, Sq, Sk, Hq, Hkv, D, mname, off, dt = case
+    q, k, v = qkv(B, Sq, Sk, Hq, Hkv, D, dt, seed=hash(case) % 1000)
+    mask = make_mask(mname, B, Sq, off)
+    out, lse = triton_fa.triton_attention(q, k, v, mask, q_offset=off, return_lse=True)
+    assert out.shape == q.shape and out.dtype == dt
+    check(out, lse, q, k, v, mask, off, mname)
+
+
+@pytest.mark.parametrize("mname", ["causal", "window", "pad_causal", "pad_full"])
+def test_tma_path_matches_reference(mname, load_path):
+    B, Sq, Sk, off = 2, 37, 100, 63
+    q, k, v = qkv(B, Sq, Sk, 4, 2, 32, F32, seed=7)
+    mask = make_mask(mname, B, Sq, off)
+    out, lse = triton_fa.triton_attention(q, k, v, mask, q_offset=off, return_lse=True)
+    check(out, lse, q, k, v, mask, off, mname)
+
+
+def test_through_attention_api():
+    q, k, v = qkv(1, 17, 17, 2, 1, 32, F32, seed=3)
+    out = attention(q, k, v, "causal", backend="triton")
+    check(out, None, q, k, v, Causal(), 0, "api")
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_out_slice_of_token_buffer(B, load_path):
+    """A tile's rows go straight into a slice of the o_proj input buffer; nothing else is touched."""
+    S, Hq, Hkv, D, r0, r1 = 70, 4, 2, 32, 30, 53
+    q, k, v = qkv(B, S, S, Hq, Hkv, D, F32, seed=11)
+    buf = torch.randn(B * S, Hq * D)
+    before = buf.clone()
+    if B == 1:
+        view = buf[r0:r1].view(1, r1 - r0, Hq, D)
+    else:
+        view = buf.view(B, S, Hq * D)[:, r0:r1].view(B, r1 - r0, Hq, D)
+    qt = q[:, r0:r1]  # a strided view too
+    res = triton_fa.triton_attention(qt, k, v, Causal(), q_offset=r0, out=view)
+    assert res.data_ptr() == view.data_ptr()
+    check(view, None, qt, k, v, Causal(), r0, "out slice")
+    touched = torch.zeros(B, S, dtype=torch.bool)
+    touched[:, r0:r1] = True
+    touched = touched.view(B * S)
+    assert torch.equal(buf[~touched], before[~touched]), "rows outside the slice were written"
+
+
+def test_strided_qkv_from_fused_projection():
+    """q, k, v as column slices of one fused [B, S, (Hq + 2 Hkv) * D] projection output."""
+    B, S, Hq, Hkv, D = 2, 45, 4, 1, 64
+    g = torch.Generator().manual_seed(5)
+    fused = torch.randn(B, S, (Hq + 2 * Hkv) * D, generator=g).half()
+    q = fused[..., : Hq * D].view(B, S, Hq, D)
+    k = fused[..., Hq * D: (Hq + Hkv) * D].view(B, S, Hkv, D)
+    v = fused[..., (Hq + Hkv) * D:].view(B, S, Hkv, D)
+    out = torch.empty(B, Hq, S, D, dtype=torch.half).transpose(1, 2)  # a non-contiguous out as well
+    triton_fa.triton_attention(q, k, v, Causal(), out=out)
+    check(out, None, q, k, v, Causal(), 0, "fused qkv")
+
+
+@pytest.mark.parametrize("mname", ["causal", "window", "pad_causal"])
+def test_skipped_keys_never_read(mname, load_path):
+    """Keys no query of this call may see are NaN: the output must stay finite and correct."""
+    B, Sq, Sk, off = 2, 20, 96, 50
+    q, k, v = qkv(B, Sq, Sk, 2, 1, 32, F32, seed=13)
+    mask = {"causal": Causal(), "window": SlidingWindow(9), "pad_causal": KeyPadding([40, 61])}[mname]
+    k_pos = torch.arange(Sk)
+    last = off + Sq - 1
+    bad = (k_pos > last)[None].expand(B, Sk).clone()  # after the last query row
+    if mname == "window":
+        bad |= (k_pos <= off - 9)[None]  # before the first row's window
+    if mname == "pad_causal":
+        bad |= k_pos[None] >= mask.key_lengths[:, None]  # padding
+    kp, vp = k.clone(), v.clone()
+    kp[bad] = float("nan")
+    vp[bad] = float("nan")
+    out, lse = triton_fa.triton_attention(q, kp, vp, mask, q_offset=off, return_lse=True)
+    assert torch.isfinite(out).all()
+    check(out, lse, q, k, v, mask, off, mname)
+
+
+def test_rows_with_no_visible_key_are_zero():
+    """Window + key lengths: rows past key_len + window - 1 see nothing -> 0 and LSE -inf."""
+    B, Sq, Sk = 2, 30, 30
+    q, k, v = qkv(B, Sq, Sk, 2, 2, 32, F32, seed=17)
+    mask = KeyPadding([6, 30], window=4)
+    out, lse = triton_fa.triton_attention(q, k, v, mask, return_lse=True)
+    assert torch.equal(out[0, 9:], torch.zeros_like(out[0, 9:]))
+    assert torch.isinf(lse[0, :, 9:]).all() and (lse[0, :, 9:] < 0).all()
+    check(out, lse, q, k, v, mask, 0, "empty rows")
+
+
+def test_head_dim_not_power_of_two():
+    q, k, v = qkv(1, 19, 19, 2, 1, 40, F32, seed=19)
+    out = triton_fa.triton_attention(q, k, v, Causal())
+    check(out, None, q, k, v, Causal(), 0, "d=40")
+
+
+def test_sdpa_backend_on_cpu():
+    """The fallback backend's mask handling (it is exercised for real only on old GPUs)."""
+    from fastattn_dist.attention.sdpa import sdpa_attention
+    q, k, v = qkv(2, 17, 40, 4, 2, 32, torch.float64, seed=23)
+    for mask, off in ((Causal(), 23), (NoMask(), 0), (KeyPadding([9, 40], window=5), 23)):
+        out = sdpa_attention(q, k, v, mask, q_offset=off)
+        ref = reference_attention(q, k, v, mask, q_offset=off)
+        assert rel(out, ref) < 1e-12
+    q, k, v = qkv(1, 17, 17, 2, 2, 32, torch.float64, seed=29)
+    out = sdpa_attention(q, k, v, Causal())
+    assert rel(out, reference_attention(q, k, v, Causal())) < 1e-12
+
+
+def test_auto_backend_falls_back_once(monkeypatch, caplog):
+    from fastattn_dist.attention import dispatch_gpu
+    monkeypatch.setattr(dispatch_gpu, "_told", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (7, 0))
+    with caplog.at_level(logging.WARNING, logger="fastattn_dist"):
+        assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "sdpa"
+        assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "sdpa"
+    msgs = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(msgs) == 1 and "7.0" in msgs[0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (9, 0))
+    assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "triton"

@@ -77,7 +77,7 @@ def _sdpa_best(q, k, v):
 
 
 def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: List[int], device, dtype,
-                repeats: int, warmup: int, graphs: bool, group=None) -> dict:
+                repeats: int, warmup: int, graphs: bool, group=None, attn_backend: str = "auto") -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     D = hidden // heads
     Hl, Hkvl = heads // world, kv_heads // world
@@ -109,7 +109,7 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, seq: int, tile_counts: L
     for comm in comms:
         for use_graph in ([False, True] if graphs else [False]):
             blk = TPAttention(hidden, heads, kv_heads, tiles="auto", dtype=dtype, device=device, group=group,
-                              cuda_graph=use_graph, comm=comm)
+                              cuda_graph=use_graph, comm=comm, backend=attn_backend)
             with torch.no_grad():
                 blk.o_proj.weight.copy_(wo)
             blocks[(comm, use_graph)] = blk
@@ -158,7 +158,7 @@ def run_rank(rank: int, world: int, opts: dict) -> List[dict]:
     for hidden, heads, seq in opts["grid"]:
         kv = opts.get("kv_heads") or heads
         r = bench_shape(hidden, heads, kv, seq, opts["tile_counts"], device, dtype, opts["repeats"], opts["warmup"],
-                        opts["graphs"], group=group)
+                        opts["graphs"], group=group, attn_backend=opts.get("attn_backend", "auto"))
         r["comm_max_ctas"] = opts.get("comm_max_ctas") or "default"
         results.append(r)
         if rank == 0:
@@ -170,7 +170,8 @@ def run_rank(rank: int, world: int, opts: dict) -> List[dict]:
 
 def markdown(results: List[dict], meta: dict) -> str:
     lines = [f"Command: `{meta['command']}`  ", f"Device: {meta['device']}, TP={meta['world']}, {meta['dtype']}, "
-             f"causal, batch 1; torch {meta['torch']}; date {meta['date']}; our comm: {meta['comm']}  ",
+             f"causal, batch 1; torch {meta['torch']}; date {meta['date']}; our comm: {meta['comm']}; "
+             f"our attention backend: {meta.get('attn_backend', 'auto')}  ",
              f"Times: median of repeats, {meta['timer']}, max over ranks (ms). Baseline: SDPA (default backend) + "
              "o_proj GEMM + one all_reduce, in sequence, measured in the same run.", "",
              "| hidden/heads | S | attn | o_proj | all-reduce | baseline | ideal | ours t=1 | ours auto (tiles) | "
@@ -208,7 +209,8 @@ def cmd_bench(args) -> int:
         grid = [g for g in grid if g[0] in args.hidden]
     opts = {"grid": grid, "tile_counts": args.tile_counts, "dtype": args.dtype, "repeats": args.repeats,
             "warmup": args.warmup, "graphs": not args.no_graphs, "kv_heads": args.kv_heads,
-            "comm_max_ctas": args.comm_max_ctas, "comm_high_priority": args.comm_high_priority}
+            "comm_max_ctas": args.comm_max_ctas, "comm_high_priority": args.comm_high_priority,
+            "attn_backend": args.attn_backend}
 
     cfg = BenchShape(args.world_size, grid[0][0], grid[0][1], args.kv_heads or grid[0][1])
     results = run_job(_job, args, cfg, (opts,))
@@ -219,6 +221,7 @@ def cmd_bench(args) -> int:
             "timer": "CUDA events" if torch.cuda.is_available() else "host clock",
             "comm": (f"NCCL group with max_ctas={args.comm_max_ctas}" + (", high-priority stream"
                      if args.comm_high_priority else "")) if args.comm_max_ctas else "default process group",
+            "attn_backend": args.attn_backend,
             "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU")}
     md = markdown(results, meta)
     print(md)
@@ -255,5 +258,7 @@ def register(sub) -> None:
     p.add_argument("--comm-max-ctas", type=int, default=0,
                    help="NCCL: our block's all-reduces use a group limited to this many CTAs (0: default group)")
     p.add_argument("--comm-high-priority", action="store_true", help="NCCL: high-priority stream for that group")
+    p.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "cudnn", "torch"),
+                   help="attention backend of our block (the baseline always uses SDPA's default)")
     p.add_argument("--out", default=None, help="folder for bench_block.md and bench_block.json")
     p.set_defaults(func=cmd_bench)

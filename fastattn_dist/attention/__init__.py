@@ -5,8 +5,11 @@ Backends:
   ``torch``      two-level tiled flash attention in PyTorch (any device; the CPU path)
   ``triton``     the Triton FlashAttention-2 forward kernel (CUDA, compute capability >= 8.0,
                  or CPU tensors under TRITON_INTERPRET=1)
+  ``cudnn``      cuDNN's fused attention, a causal row range cut into an unmasked prefix and a causal
+                 diagonal merged by LSE (cudnn_split.py); what cuDNN cannot take goes to ``triton``
   ``sdpa``       PyTorch's scaled_dot_product_attention, memory-efficient kernel (older GPUs)
-  ``auto``       triton on CUDA >= 8.0 when Triton is installed, sdpa on older CUDA GPUs, torch on CPU
+  ``auto``       cudnn on Hopper (compute capability 9.x, where cuDNN is the faster kernel), triton on
+                 other CUDA GPUs >= 8.0 when Triton is installed, sdpa on older ones, torch on CPU
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from ..masks import MaskLike, resolve_mask
 from .reference import reference_attention
 from .tiled import BlockStats, tiled_attention
 
-BACKENDS = ("auto", "reference", "torch", "triton", "sdpa")
+BACKENDS = ("auto", "reference", "torch", "triton", "cudnn", "sdpa")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -101,6 +104,9 @@ def run_backend(which: str, q, k, v, m, *, q_offset: int = 0, scale: Optional[fl
     if which == "triton":
         from .triton_fa import triton_attention
         return triton_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
+    if which == "cudnn":
+        from .cudnn_split import cudnn_attention
+        return cudnn_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
     from .sdpa import sdpa_attention
     return sdpa_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
 

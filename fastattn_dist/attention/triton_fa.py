@@ -403,3 +403,49 @@ class _nullctx:
     def __exit__(self, *exc):
         return False
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Merge of two partial results over disjoint key sets (the cuDNN split path, cudnn_split.py).
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _merge_kernel(OUT, OA, OB, LA, LB, n_rows, S, H,
+                  so_b, so_s, so_h, sa_b, sa_s, sa_h, sb_b, sb_s, sb_h,
+                  sla_b, sla_h, sla_s, slb_b, slb_h, slb_s,
+                  D: tl.constexpr, BLOCK_R: tl.constexpr):
+    # rows are (b, s, h) triples; each row mixes two [D] vectors by their LSE: w = sigmoid(lse_a - lse_b)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    h = r % H
+    s = (r // H) % S
+    b = r // (H * S)
+    b64, s64, h64 = b.to(tl.int64), s.to(tl.int64), h.to(tl.int64)
+    la = tl.load(LA + b64 * sla_b + h64 * sla_h + s64 * sla_s, mask=ok, other=0.0)
+    lb = tl.load(LB + b64 * slb_b + h64 * slb_h + s64 * slb_s, mask=ok, other=0.0)
+    w = 1.0 / (1.0 + tl.exp(lb - la))
+    d = tl.arange(0, D)[None, :]
+    m2 = ok[:, None]
+    oa = tl.load(OA + (b64 * sa_b + s64 * sa_s + h64 * sa_h)[:, None] + d, mask=m2, other=0.0).to(tl.float32)
+    ob = tl.load(OB + (b64 * sb_b + s64 * sb_s + h64 * sb_h)[:, None] + d, mask=m2, other=0.0).to(tl.float32)
+    o = ob + w[:, None] * (oa - ob)
+    tl.store(OUT + (b64 * so_b + s64 * so_s + h64 * so_h)[:, None] + d, o.to(OUT.dtype.element_ty), mask=m2)
+
+
+def merge_partials(out, o_a, lse_a, o_b, lse_b):
+    """``out`` [B, S, H, D] = exact softmax mix of ``o_a``, ``o_b`` (same shape, any strides with a unit
+    last stride) by their LSEs [B, H, S] (fp32, natural log); one pass, writes only ``out``."""
+    B, S, H, D = out.shape
+    for t in (out, o_a, o_b):
+        if t.stride(3) != 1:
+            raise ValueError("merge_partials needs a unit stride on head_dim")
+    if D & (D - 1):
+        raise ValueError(f"merge_partials needs a power-of-two head_dim, got {D}")
+    n = B * S * H
+    block = max(1, min(64, 4096 // D))
+    _merge_kernel[(triton.cdiv(n, block),)](
+        out, o_a, o_b, lse_a, lse_b, n, S, H, out.stride(0), out.stride(1), out.stride(2),
+        o_a.stride(0), o_a.stride(1), o_a.stride(2), o_b.stride(0), o_b.stride(1), o_b.stride(2),
+        lse_a.stride(0), lse_a.stride(1), lse_a.stride(2), lse_b.stride(0), lse_b.stride(1), lse_b.stride(2),
+        D=D, BLOCK_R=block)
+    return out

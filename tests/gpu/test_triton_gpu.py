@@ -121,7 +121,7 @@ def test_autotuned_and_dispatch():
     from fastattn_dist import attention
     from fastattn_dist.attention import resolve_backend
     major = torch.cuda.get_device_capability()[0]
-    assert resolve_backend("auto", torch.device("cuda")) == ("triton" if major >= 8 else "sdpa")
+    assert resolve_backend("auto", torch.device("cuda")) == {9: "cudnn"}.get(major, "triton" if major >= 8 else "sdpa")
     S, H, D = 8192, 16, 128
     q, k, v = inputs(1, S, S, H, H, D, BF16, seed=3)
     out = attention(q, k, v, "causal", backend="triton")
@@ -153,3 +153,25 @@ def test_sdpa_fallback_on_gpu():
         ref, _ = ref_chunked(q, k, v, mask, q_offset=off)
         assert rel(out, ref) < TOL[F16]
     assert math.isfinite(rel(out, ref))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,S", [(1, 8192), (2, 1999)])
+def test_cudnn_split_tiles(dtype, B, S):
+    """The cudnn backend: causal tiles (prefix + diagonal through cuDNN, merged by LSE) written into
+    slices of a [tokens, heads*d] buffer equal the float64 reference; unmasked and GQA calls too."""
+    from fastattn_dist.attention.cudnn_split import cudnn_attention
+    Hq, D = 8, 128
+    q, k, v = inputs(B, S, S, Hq, Hq, D, dtype, seed=5)
+    buf = torch.full((B, S + 64, Hq * D), float("nan"), device="cuda", dtype=dtype)
+    bounds = [0, S // 3 + 1, S // 2 + 7, S - 129, S]
+    for r0, r1 in zip(bounds, bounds[1:]):
+        cudnn_attention(q[:, r0:r1], k, v, Causal(), q_offset=r0, out=buf[:, r0:r1].view(B, r1 - r0, Hq, D))
+    assert torch.isnan(buf[:, S:]).all(), "rows after the last tile were written"
+    ref, _ = ref_chunked(q, k, v, Causal())
+    assert rel(buf[:, :S].view(B, S, Hq, D), ref) < TOL[dtype]
+    ref_none, _ = ref_chunked(q[:, 100:900], k, v, NoMask())
+    assert rel(cudnn_attention(q[:, 100:900], k, v, NoMask(), q_offset=100), ref_none) < TOL[dtype]
+    q4, k4, v4 = inputs(B, S, S, Hq, 2, D, dtype, seed=6)  # GQA: goes to the Triton kernel
+    ref4, _ = ref_chunked(q4[:, 500:], k4, v4, Causal(), q_offset=500)
+    assert rel(cudnn_attention(q4[:, 500:], k4, v4, Causal(), q_offset=500), ref4) < TOL[dtype]

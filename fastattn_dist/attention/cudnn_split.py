@@ -1,0 +1,86 @@
+"""Tiles of query rows through cuDNN's fused attention (Hopper), merged by log-sum-exp.
+
+On H100/H200 cuDNN's attention (what PyTorch's SDPA dispatches to there) is 15-25% faster than our
+Triton kernel (docs/attention_kernel.md), but it only knows whole sequences: no mask, or a causal
+mask aligned at the top-left corner. A causal tile of query rows [r0, r1) is cut into what it can do:
+
+    prefix    rows [r0, r1) x keys [0, r0)    no mask: every row sees all of these keys
+    diagonal  rows [r0, r1) x keys [r0, r1)   causal, top-left aligned: row r0 + i sees r0 .. r0 + i
+
+each one cuDNN call that also returns its log-sum-exp, and one merge pass writes the exact softmax
+mix into ``out`` (a slice of the o_proj input buffer): ``out = o_d + sigmoid(lse_p - lse_d) (o_p - o_d)``.
+The first tile (r0 = 0) and unmasked calls are a single cuDNN call and a copy.
+
+What cuDNN cannot take (windows, key lengths, GQA, fp32, an LSE for the caller) goes to the Triton
+kernel, per call. The merge and the cut are plain code, tested on CPU with any attention in place of
+cuDNN (``attend=``); cuDNN itself is checked in tests/gpu.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..masks import Mask
+
+# (q, k, v [B, S, H, D] views, causal, scale) -> (o [B, Sq, H, D], lse [B, H, Sq] fp32, natural log)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return_lse: bool) -> bool:
+    """Whether a call can go to cuDNN whole (the rest goes to the Triton kernel)."""
+    if return_lse or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != k.shape[2]:
+        return False
+    if q.shape[3] not in (64, 128) or mask.key_lengths is not None or mask.window is not None:
+        return False
+    # causal: the tile's own keys must exist (rows [q_offset, q_offset + Sq) see keys up to their own)
+    return not mask.causal or q_offset + q.shape[1] <= k.shape[1]
+
+
+def cudnn_attend(q, k, v, causal: bool, scale: float):
+    """One cuDNN call on [B, S, H, D] views; its output stays in cuDNN's [B, H, Sq, D] memory."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
+    o, lse = res[0], res[1]
+    return o.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
+                    scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
+                    attend: Attend = cudnn_attend) -> torch.Tensor:
+    """Same contract as ``tiled_attention`` (no LSE) for the calls ``supports`` accepts."""
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    if out is None:
+        out = torch.empty_like(q)
+    Sq = q.shape[1]
+    if not mask.causal:
+        o, _ = attend(q, k, v, False, scale)
+        return out.copy_(o)
+    r0, r1 = q_offset, q_offset + Sq
+    o_d, lse_d = attend(q, k[:, r0:r1], v[:, r0:r1], True, scale)
+    if r0 == 0:
+        return out.copy_(o_d)
+    o_p, lse_p = attend(q, k[:, :r0], v[:, :r0], False, scale)
+    return merge(out, o_p, lse_p, o_d, lse_d)
+
+
+def merge(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+          lse_b: torch.Tensor) -> torch.Tensor:
+    """``out`` = softmax-weighted mix of two partial results over disjoint keys ([B, S, H, D], lse [B, H, S])."""
+    if out.is_cuda:  # one pass; the torch lines below are the same formula in four passes
+        from .triton_fa import merge_partials
+        return merge_partials(out, o_a, lse_a, o_b, lse_b)
+    cdt = torch.promote_types(out.dtype, torch.float32)
+    w = torch.sigmoid(lse_a.to(cdt) - lse_b.to(cdt)).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    return out.copy_(torch.lerp(o_b.to(cdt), o_a.to(cdt), w))
+
+
+
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
+                    scale: Optional[float] = None, return_lse: bool = False, out: Optional[torch.Tensor] = None):
+    """The ``cudnn`` backend: cuDNN (split and merged) where ``supports`` says so, else the Triton kernel."""
+    if q.is_cuda and supports(q, k, mask, q_offset, return_lse):
+        return split_attention(q, k, v, mask, q_offset=q_offset, scale=scale, out=out)
+    from .triton_fa import triton_attention
+    return triton_attention(q, k, v, mask, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)

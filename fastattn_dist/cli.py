@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, List, Optional
 
@@ -94,6 +95,13 @@ def run_job(job: Callable, args, cfg, extra_args=()) -> Optional[dict]:
         launcher = "env" if detect_launcher() != "none" else "spawn"
     if launcher == "spawn":
         backend = args.dist_backend or "gloo"
+        cores = os.cpu_count() or 1
+        if backend == "gloo" and cfg.world_size > cores:
+            # each simulated device needs its own core: shared cores slow compute and gloo's threads alike,
+            # and tiles="auto" (which assumes one core per rank) then over-tiles
+            what = getattr(args, "command", "fastattn-dist")
+            print(f"[{what}] note: {cfg.world_size} CPU ranks on {cores} cores: the simulated devices share "
+                  "cores, so timings and tiles='auto' do not model separate devices", file=sys.stderr, flush=True)
         results = spawn_ranks(job, cfg.world_size, (cfg, *extra_args), backend=backend, timeout_s=args.timeout_s)
         return results[0]
     ctx = init_distributed(args.dist_backend, timeout_s=args.timeout_s)

@@ -34,6 +34,8 @@ def test_demo_json(extra):
     assert s["sequential_ms"] > 0 and s["tiled_ms"] > 0
     if extra:
         assert s["world_size"] == 3 and s["num_tiles"] == 3
+        # more simulated devices than cores: said once, on stderr, exactly when it is true
+        assert ("3 CPU ranks on" in r.stderr) == ((os.cpu_count() or 1) < 3)
 
 
 @pytest.mark.parametrize("args,message", [

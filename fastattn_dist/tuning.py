@@ -41,11 +41,12 @@ class DeviceProfile:
 
 # CPU figures: the torch backend on one core of a recent x86 server, gloo over loopback.
 # GPU figures: H100/H200 from our notes (NVLink NCCL) and docs/gpu_block.md (attention: the cudnn
-# backend's tiles on an H200, 465-580 TFLOP/s at S >= 8K).
+# backend's tiles on an H200, 465-580 TFLOP/s at S >= 8K; per extra tile 150-200 us of compute at
+# S = 8K, TP=1, its comm call included, same doc).
 PROFILES = {
     "cpu": DeviceProfile("cpu", attn_flops=25e9, gemm_flops=90e9, tile_overhead_s=300e-6,
                          comm_latency_s=100e-6, comm_bus_bytes_s=2e9, min_tile_rows=16),
-    "hopper": DeviceProfile("hopper", attn_flops=520e12, gemm_flops=650e12, tile_overhead_s=15e-6,
+    "hopper": DeviceProfile("hopper", attn_flops=520e12, gemm_flops=650e12, tile_overhead_s=150e-6,
                             comm_latency_s=15e-6, comm_bus_bytes_s=250e9, min_tile_rows=256),
     "gpu": DeviceProfile("gpu", attn_flops=150e12, gemm_flops=250e12, tile_overhead_s=20e-6,
                          comm_latency_s=20e-6, comm_bus_bytes_s=100e9, min_tile_rows=256),

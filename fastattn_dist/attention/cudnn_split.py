@@ -76,7 +76,6 @@ def merge(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.
     return out.copy_(torch.lerp(o_b.to(cdt), o_a.to(cdt), w))
 
 
-
 def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
                     scale: Optional[float] = None, return_lse: bool = False, out: Optional[torch.Tensor] = None):
     """The ``cudnn`` backend: cuDNN (split and merged) where ``supports`` says so, else the Triton kernel."""

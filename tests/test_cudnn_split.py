@@ -13,10 +13,11 @@ from fastattn_dist.attention import cudnn_split, reference_attention
 calls = []
 
 
-def fake_cudnn(q, k, v, causal, scale):
+def fake_cudnn(q, k, v, causal, scale, want_lse):
     """What cuDNN can do: whole sequences, no mask or top-left causal; records each call's shape."""
     calls.append((q.shape[1], k.shape[1], causal))
-    return reference_attention(q, k, v, Causal() if causal else NoMask(), scale=scale, return_lse=True)
+    o, lse = reference_attention(q, k, v, Causal() if causal else NoMask(), scale=scale, return_lse=True)
+    return o, (lse if want_lse else None)  # a merge that used an LSE it did not ask for would fail here
 
 
 def qkv(B, Sq, Sk, H, D, seed):

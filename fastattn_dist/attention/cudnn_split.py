@@ -24,8 +24,10 @@ import torch
 
 from ..masks import Mask
 
-# (q, k, v [B, S, H, D] views, causal, scale) -> (o [B, Sq, H, D], lse [B, H, Sq] fp32, natural log)
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], Tuple[torch.Tensor, torch.Tensor]]
+# (q, k, v [B, S, H, D] views, causal, scale, want_lse) -> (o [B, Sq, H, D], lse [B, H, Sq] fp32 natural log,
+# or None when not wanted)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, bool],
+                  Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return_lse: bool) -> bool:
@@ -38,12 +40,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return
     return not mask.causal or q_offset + q.shape[1] <= k.shape[1]
 
 
-def cudnn_attend(q, k, v, causal: bool, scale: float):
-    """One cuDNN call on [B, S, H, D] views; its output stays in cuDNN's [B, H, Sq, D] memory."""
+def cudnn_attend(q, k, v, causal: bool, scale: float, want_lse: bool):
+    """One cuDNN call on [B, S, H, D] views; its output stays in cuDNN's [B, H, Sq, D] memory. The LSE
+    is computed only when a merge needs it (single-call tiles skip writing it)."""
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
-    o, lse = res[0], res[1]
-    return o.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, want_lse, 0.0, causal, False, scale=scale)
+    lse = res[1].reshape(q.shape[0], q.shape[2], q.shape[1]) if want_lse else None
+    return res[0].transpose(1, 2), lse
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
@@ -55,13 +58,13 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mas
         out = torch.empty_like(q)
     Sq = q.shape[1]
     if not mask.causal:
-        o, _ = attend(q, k, v, False, scale)
+        o, _ = attend(q, k, v, False, scale, False)
         return out.copy_(o)
     r0, r1 = q_offset, q_offset + Sq
-    o_d, lse_d = attend(q, k[:, r0:r1], v[:, r0:r1], True, scale)
+    o_d, lse_d = attend(q, k[:, r0:r1], v[:, r0:r1], True, scale, r0 > 0)
     if r0 == 0:
         return out.copy_(o_d)
-    o_p, lse_p = attend(q, k[:, :r0], v[:, :r0], False, scale)
+    o_p, lse_p = attend(q, k[:, :r0], v[:, :r0], False, scale, True)
     return merge(out, o_p, lse_p, o_d, lse_d)
 
 

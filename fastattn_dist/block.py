@@ -3,32 +3,40 @@
 QKV are column-parallel and O row-parallel over the process group; ``forward`` takes the
 replicated ``[batch, seq, hidden]`` input and returns the full output on every rank. The QKV
 projection runs once over all rows; then, tile by tile, attention -> o_proj partial sum -> an
-asynchronous all-reduce of the tile's output rows, overlapping the next tile's compute.
+asynchronous all-reduce of the tile's output rows, overlapping the next tile's compute
+(``parallel/row_parallel.py``: the o_proj and its tiles; ``parallel/comm.py``: the all-reduce paths).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import resolve_backend
+from .attention import available, kernel_for, resolve_backend, run_kernel
 from .config import LinkModel, TilePlanOptions
-from .masks import MaskLike, resolve_mask
-from .attention import run_backend
+from .lru import LRUCache
+from .masks import Mask, MaskLike, resolve_mask
+from .parallel.ce_allreduce import copy_engine_available
+from .parallel.comm import COMM_PATHS, group_world_rank, make_comm
 from .parallel.graphs import CapturedCall, capture_cuda, run_eagerly
-from .parallel.ce_allreduce import CopyEngineAllReduce, copy_engine_available
-from .parallel.link import AllReduceStream
+from .parallel.row_parallel import TiledRowParallelLinear
 from .parallel.sharding import TPShape, shard_full_weights
-from .parallel.tiling_allreduce import TilePlan, run_pipeline, tile_segments
-from .tuning import BlockCost, DeviceProfile, choose_plan, fixed_plan, profile_for
+from .parallel.tiling_allreduce import TilePlan, tile_segments
+from .profiler.recorder import BLOCK, span
+from .rope import Rotary
+from .tuning import BlockCost, CommOption, DeviceProfile, choose, profile_for
 
-Tiles = Union[int, str]
+Tiles = Union[int, str, TilePlan]
+MAX_GRAPHS = 8   # captured graphs kept (each holds its inputs, output and private memory)
+MAX_PLANS = 64
 
 
 def check_tiles(tiles) -> Tiles:
-    """``tiles`` is an int >= 1 or "auto"."""
+    """``tiles`` is an int >= 1, "auto", or an explicit ``TilePlan`` (checked against the rows per call)."""
+    if isinstance(tiles, TilePlan):
+        return tiles
     if isinstance(tiles, str):
         if tiles != "auto":
             raise ValueError(f"tiles must be an int >= 1 or 'auto', got {tiles!r}")
@@ -40,26 +48,20 @@ def check_tiles(tiles) -> Tiles:
     return tiles
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding (rotate-half form, positions 0..S-1) on ``[B, S, H, D]``."""
-    S, D = x.shape[1], x.shape[3]
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = torch.outer(torch.arange(S, device=x.device, dtype=torch.float32), inv)
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
-    rotated = torch.cat([-x2, x1], -1)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.to(cdt) * cos.to(cdt) + rotated.to(cdt) * sin.to(cdt)).to(x.dtype)
-
-
 class TPAttention(nn.Module):
     """Tensor-parallel attention block; see the module docstring.
 
     ``tiles``: tile count of the tiling-AllReduce, or "auto" (cost model in tuning.py); 1 is the
     sequential block. ``group``: the process group (default: the world group; a single process
-    without torch.distributed runs as world size 1). ``link``: a simulated link (CPU study).
-    ``backend``: attention backend (see ``fastattn_dist.attention``).
+    without torch.distributed runs as world size 1). ``comm``: "nccl" (the process group's all-reduce;
+    gloo on CPU), "copy_engine" (symmetric memory, one node of GPUs), "auto" (per input shape, the
+    path the cost model predicts fastest), a comm object such as ``parallel.standin.StandInAllReduce(4)``,
+    which makes this process rank 0 of an emulated TP=4 group on one GPU, or a dict of comm objects
+    to choose from per shape. ``link``: a simulated link for CPU ranks. ``backend``: the attention kernel
+    (``fastattn_dist.attention``). ``cuda_graph``: replay each input shape as one CUDA graph.
+    ``check_inputs``: on the first call of each shape, check across ranks that every rank got the same
+    shape, mask and input (one small all-gather); off by default in the API, on in the CLI.
+    ``parallel_tiles``: on CUDA, run tiles on prioritised streams of their own (row_parallel.py).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
@@ -67,48 +69,46 @@ class TPAttention(nn.Module):
                  device: Optional[torch.device] = None, rope_theta: Optional[float] = None,
                  backend: str = "auto", link: Optional[LinkModel] = None,
                  profile: Optional[DeviceProfile] = None, plan_options: TilePlanOptions = TilePlanOptions(),
-                 cuda_graph: bool = False, comm: str = "nccl"):
+                 cuda_graph: bool = False, comm="nccl", check_inputs: bool = False, parallel_tiles: bool = True):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if dist.is_available() and dist.is_initialized():
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-        else:
-            if group is not None:
-                raise ValueError("a process group was given but torch.distributed is not initialised")
-            world, rank = 1, 0
+        world, rank = self._check_comm(comm, group)
         self.shape = TPShape.checked(hidden_size, num_heads, num_kv_heads, world, rank)
         self.tiles = check_tiles(tiles)
-        if rope_theta is not None and not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
-            raise ValueError(f"rope_theta must be a positive number or None, got {rope_theta!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.rotary = Rotary(self.shape.head_dim, rope_theta) if rope_theta is not None else None
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
         if link is not None and not isinstance(link, LinkModel):
             raise TypeError(f"link must be a LinkModel, got {type(link).__name__}")
-        if comm not in ("nccl", "copy_engine"):
-            raise ValueError(f"comm must be 'nccl' (the process group's all-reduce) or 'copy_engine', got {comm!r}")
+        if not isinstance(plan_options, TilePlanOptions):
+            raise TypeError(f"plan_options must be a TilePlanOptions, got {type(plan_options).__name__}")
         self.comm = comm
-        self.rope_theta = rope_theta
         self.group = group
         self.link = link
         self.plan_options = plan_options
+        self.check_inputs = bool(check_inputs)
+        self.parallel_tiles = bool(parallel_tiles)
         self._profile = profile
         s = self.shape
         D = s.head_dim
-        kw = {"dtype": dtype, "device": device, "bias": False}
-        self.q_proj = nn.Linear(hidden_size, s.local_heads * D, **kw)
-        self.k_proj = nn.Linear(hidden_size, s.local_kv_heads * D, **kw)
-        self.v_proj = nn.Linear(hidden_size, s.local_kv_heads * D, **kw)
-        self.o_proj = nn.Linear(s.local_heads * D, hidden_size, **kw)
+        kw = {"dtype": dtype, "device": device}
+        self.q_proj = nn.Linear(hidden_size, s.local_heads * D, bias=False, **kw)
+        self.k_proj = nn.Linear(hidden_size, s.local_kv_heads * D, bias=False, **kw)
+        self.v_proj = nn.Linear(hidden_size, s.local_kv_heads * D, bias=False, **kw)
+        self.o_proj = TiledRowParallelLinear(s.local_heads * D, hidden_size, **kw)
+        why = available(backend, self.o_proj.weight.device)
+        if why:
+            raise ValueError(why)
         self.backend = resolve_backend(backend, self.o_proj.weight.device)
         self.recorder = None  # a profiler.SpanRecorder, or None (off: costs nothing)
         self.last_plan: Optional[TilePlan] = None
-        self._comm: Optional[AllReduceStream] = None
-        self._plan_cache: dict = {}
-        # Replay the tiled part as one CUDA graph per input shape; the returned output buffer is reused
-        # by the next call of that shape. On CPU the same path runs eagerly on the static buffers.
+        self.last_comm: Optional[str] = None  # the comm path the last call used
+        self._comms: Optional[Dict[str, object]] = None
+        self._plans = LRUCache(MAX_PLANS)
         self.cuda_graph = bool(cuda_graph)
         self._graph_capture = capture_cuda if self.o_proj.weight.device.type == "cuda" else run_eagerly
-        self._graphs: dict = {}
+        self._graphs = LRUCache(MAX_GRAPHS)
+        self._checked = set()
 
     @property
     def world_size(self) -> int:
@@ -125,29 +125,81 @@ class TPAttention(nn.Module):
         for name, lin in (("wq", self.q_proj), ("wk", self.k_proj), ("wv", self.v_proj), ("wo", self.o_proj)):
             lin.weight.copy_(shards[name].to(device=lin.weight.device, dtype=lin.weight.dtype))
 
-    # -- tile plan -------------------------------------------------------------
+    # -- comm and tile plan ---------------------------------------------------------------------
+    @staticmethod
+    def _check_comm(comm, group) -> Tuple[int, int]:
+        """(world size, rank) of the group ``comm`` reduces over; bad values raise here, on every rank."""
+        if isinstance(comm, str):
+            if comm not in COMM_PATHS + ("auto",):
+                raise ValueError(f"comm must be one of {COMM_PATHS + ('auto',)}, a comm object or a dict of them, "
+                                 f"got {comm!r}")
+            if group is not None and not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("a process group was given but torch.distributed is not initialised")
+            return group_world_rank(group)
+        objs = list(comm.values()) if isinstance(comm, dict) else [comm]
+        if not objs:
+            raise ValueError("comm: an empty dict of comm paths")
+        for c in objs:
+            for attr in ("world_size", "rank", "prepare", "start", "wait", "wait_all"):
+                if not hasattr(c, attr):
+                    raise TypeError(f"comm must be one of {COMM_PATHS + ('auto',)}, a comm object with {attr!r} "
+                                    f"or a dict of them, got {type(c).__name__}")
+        if len({(c.world_size, c.rank) for c in objs}) != 1:
+            raise ValueError("the comm paths of a dict must reduce over the same group (world size and rank)")
+        return objs[0].world_size, objs[0].rank
+
+    def comm_paths(self) -> Dict[str, object]:
+        """The comm paths this block may use, by name (built on first use: they need the device's streams).
+        "auto" offers the process group's all-reduce and, where it runs, the copy-engine path."""
+        if self._comms is None:
+            device = self.o_proj.weight.device
+            if isinstance(self.comm, dict):
+                self._comms = dict(self.comm)
+            elif not isinstance(self.comm, str):
+                self._comms = {type(self.comm).__name__: self.comm}
+            elif self.comm == "auto":
+                self._comms = {"nccl": make_comm("nccl", self.group, device, self.link)}
+                if copy_engine_available(device, self.group):
+                    self._comms["copy_engine"] = make_comm("copy_engine", self.group, device, self.link)
+            else:
+                self._comms = {self.comm: make_comm(self.comm, self.group, device, self.link)}
+        return self._comms
+
     @property
     def profile(self) -> DeviceProfile:
         return self._profile or profile_for(self.o_proj.weight.device)
 
-    def plan_for(self, batch: int, seq: int, mask: MaskLike = "causal", tiles: Optional[Tiles] = None) -> TilePlan:
-        """The tile plan ``forward`` uses for this input shape and mask."""
+    def choice_for(self, batch: int, seq: int, mask: MaskLike = "causal", tiles: Optional[Tiles] = None):
+        """(tile plan, comm path name) for this input shape and mask (cached; no device sync)."""
         m = resolve_mask(mask)
         tiles = self.tiles if tiles is None else check_tiles(tiles)
-        key = (batch, seq, m.describe(), tiles)
-        plan = self._plan_cache.get(key)
-        if plan is None:
+        key = (batch, seq, m.structure(), tiles)
+        choice = self._plans.get(key)
+        if choice is None:
             s = self.shape
             cost = BlockCost(batch, seq, s.hidden_size, s.local_heads, s.head_dim, s.world_size,
                              self.o_proj.weight.element_size())
-            if tiles == "auto":
-                plan = choose_plan(cost, m, profile=self.profile, link=self.link, options=self.plan_options).plan
-            else:
-                plan = fixed_plan(cost, m, tiles, profile=self.profile, options=self.plan_options)
-            self._plan_cache[key] = plan
-        return plan
+            comms = {name: CommOption(getattr(c, "model", None), c.sm_fraction if hasattr(c, "sm_fraction") else 0.0)
+                     for name, c in self.comm_paths().items()}
+            if isinstance(tiles, TilePlan) and tiles.rows != batch * seq:
+                raise ValueError(f"the tile plan covers {tiles.rows} rows, the input has batch x seq = {batch * seq}")
+            pred, name = choose(cost, m, tiles, profile=self.profile, comms=comms, link=self.link,
+                                options=self.plan_options, measured=self._measured(cost, m))
+            choice = (pred.plan, name)
+            self._plans.put(key, choice)
+        return choice
 
-    # -- forward ---------------------------------------------------------------
+    def _measured(self, cost: BlockCost, m: Mask):
+        """Plans timed on this GPU by ``fastattn-dist tune`` for this shape, if a tuned profile has them."""
+        from .tune import lookup
+
+        return lookup(self.o_proj.weight.device, cost, m)
+
+    def plan_for(self, batch: int, seq: int, mask: MaskLike = "causal", tiles: Optional[Tiles] = None) -> TilePlan:
+        """The tile plan ``forward`` uses for this input shape and mask."""
+        return self.choice_for(batch, seq, mask, tiles)[0]
+
+    # -- forward ---------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         w = self.o_proj.weight
         if not isinstance(x, torch.Tensor):
@@ -161,14 +213,21 @@ class TPAttention(nn.Module):
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the block's weights are on {w.device}")
 
-    def _comm_stream(self):
-        if self._comm is None:
-            device = self.o_proj.weight.device
-            if self.comm == "copy_engine" and copy_engine_available(device, self.group):
-                self._comm = CopyEngineAllReduce(self.group, device)
-            else:  # the process group's own all-reduce (also where copy engines are not available: CPU)
-                self._comm = AllReduceStream(self.group, self.link, device)
-        return self._comm
+    def _check_across_ranks(self, what: torch.Tensor, m: Mask) -> None:
+        """First call of a shape: every rank must see the same shape, mask and input (one all-gather)."""
+        key = (tuple(what.shape), m.structure())
+        if not self.check_inputs or key in self._checked or not isinstance(self.comm, str):
+            return  # comm objects (an emulated group) have no process group to ask
+        world, rank = group_world_rank(self.group)
+        if world > 1:
+            from .runner import check_same_on_all_ranks
+
+            kl = m.key_lengths
+            facts = {"shape": list(what.shape), "mask": [int(m.causal), m.window or 0, int(kl is not None)],
+                     "key_lengths_sum": 0 if kl is None else int(kl.sum()),
+                     "input_checksum": float(what.double().sum()) + float(what.double().abs().sum()) * 1e-3}
+            check_same_on_all_ranks(facts, self.group, what="the block's input")
+        self._checked.add(key)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, mask: MaskLike = "causal", tiles: Optional[Tiles] = None) -> torch.Tensor:
@@ -176,17 +235,13 @@ class TPAttention(nn.Module):
         self._check_input(x)
         m = resolve_mask(mask)
         m.validate(x.shape[0], x.shape[1])
+        tiles = self.tiles if tiles is None else check_tiles(tiles)
+        self._check_across_ranks(x, m)
         rec = self.recorder
-        if rec is not None:
-            block_tok = rec.begin("block", -1, lane="block")
-            tok = rec.begin("qkv", -1)
-        q, k, v = self.project_qkv(x)
-        if rec is not None:
-            rec.end(tok)
-        y = self._attend(q, k, v, m, tiles)
-        if rec is not None:
-            rec.end(block_tok)
-        return y
+        with span(rec, "block", -1, BLOCK):
+            with span(rec, "qkv"):
+                q, k, v = self.project_qkv(x)
+            return self._attend(q, k, v, m, tiles)
 
     def project_qkv(self, x: torch.Tensor):
         """This rank's q ``[B, S, local_heads, D]`` and k, v ``[B, S, local_kv_heads, D]`` (RoPE applied)."""
@@ -195,8 +250,8 @@ class TPAttention(nn.Module):
         q = self.q_proj(x).view(B, S, s.local_heads, s.head_dim)
         k = self.k_proj(x).view(B, S, s.local_kv_heads, s.head_dim)
         v = self.v_proj(x).view(B, S, s.local_kv_heads, s.head_dim)
-        if self.rope_theta is not None:
-            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+        if self.rotary is not None:
+            q, k = self.rotary.apply(q), self.rotary.apply(k)
         return q, k, v
 
     @torch.no_grad()
@@ -216,58 +271,58 @@ class TPAttention(nn.Module):
                              f"{list(v.shape)}")
         m = resolve_mask(mask)
         m.validate(q.shape[0], q.shape[1])
+        tiles = self.tiles if tiles is None else check_tiles(tiles)
+        self._check_across_ranks(q, m)
         return self._attend(q, k, v, m, tiles)
 
-    def _attend(self, q, k, v, m, tiles) -> torch.Tensor:
+    def _attend(self, q, k, v, m: Mask, tiles) -> torch.Tensor:
         B, S = q.shape[:2]
-        plan = self.plan_for(B, S, m, tiles)
-        self.last_plan = plan
+        plan, comm_name = self.choice_for(B, S, m, tiles)
+        self.last_plan, self.last_comm = plan, comm_name
+        comm = self.comm_paths()[comm_name]
+        H = self.shape.hidden_size
         if self.cuda_graph and self.recorder is None:
-            key = (B, S, m.describe(), plan.bounds)
+            key = (B, S, m.structure(), plan.bounds, comm_name)
             call = self._graphs.get(key)
             if call is None:
-                fn = lambda q_, k_, v_, out: self._run_tiles(q_, k_, v_, m, plan, out)
-                call = CapturedCall(fn, (q, k, v), (B, S, self.shape.hidden_size), self._graph_capture)
-                self._graphs[key] = call
-            return call(q, k, v)
-        out = torch.empty(B, S, self.shape.hidden_size, dtype=q.dtype, device=q.device)
-        return self._run_tiles(q, k, v, m, plan, out)
+                def fn(q_, k_, v_, kl_, out):
+                    mk = m if kl_ is None else Mask(m.causal, m.window, kl_)
+                    self._run_tiles(q_, k_, v_, mk, plan, comm, out)
+                call = CapturedCall(fn, (q, k, v, m.key_lengths), (B, S, H), self._graph_capture)
+                self._graphs.put(key, call)
+            return call(q, k, v, m.key_lengths)
+        out = torch.empty(B, S, H, dtype=q.dtype, device=q.device)
+        self._run_tiles(q, k, v, m, plan, comm, out)
+        return out
 
-    def _scratch(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-        """The o_proj input buffer, allocated once per shape and reused (never returned to the user)."""
-        buf = getattr(self, "_attn_buf", None)
-        if buf is None or buf.shape != (rows, cols) or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
-            self._attn_buf = buf
-        return buf
-
-    def _run_tiles(self, q, k, v, m, plan: TilePlan, out: torch.Tensor) -> torch.Tensor:
+    def _run_tiles(self, q, k, v, m: Mask, plan: TilePlan, comm, out: torch.Tensor) -> torch.Tensor:
         B, S, Hl, D = q.shape
-        H = self.shape.hidden_size
         rec = self.recorder
-        comm = self._comm_stream()
         comm.enable_timing(rec is not None)
-        attn_buf = self._scratch(B * S, Hl * D, q)
-        partials = comm.prepare(out.view(B * S, H))  # where o_proj writes: out, or a symmetric buffer
-        w_o = self.o_proj.weight
+        buf = None  # the o_proj input rows of tiles that span several sequences (one allocation per call)
 
-        def compute_tile(i: int, r0: int, r1: int) -> torch.Tensor:
-            if rec is not None:
-                t = rec.begin("attention", i)
-            for b0, b1, s0, s1 in tile_segments(r0, r1, S):
-                dst = attn_buf[b0 * S + s0: (b1 - 1) * S + s1].view(b1 - b0, s1 - s0, Hl, D)
-                run_backend(self.backend, q[b0:b1, s0:s1], k[b0:b1], v[b0:b1], m.slice_batch(b0, b1),
-                            q_offset=s0, out=dst)
-            if rec is not None:
-                rec.end(t)
-                t = rec.begin("o_proj", i)
-            piece = partials[r0:r1]
-            torch.matmul(attn_buf[r0:r1], w_o.t(), out=piece)
-            if rec is not None:
-                rec.end(t)
-            return piece
+        def produce(i: int, r0: int, r1: int) -> torch.Tensor:
+            nonlocal buf
+            with span(rec, "attention", i):
+                segs = list(tile_segments(r0, r1, S))
+                if len(segs) == 1:  # the kernel's own output is the GEMM's input: no copy
+                    b0, b1, s0, s1 = segs[0]
+                    qs = q[b0:b1, s0:s1]
+                    ms = m.slice_batch(b0, b1)
+                    o = run_kernel(kernel_for(self.backend, qs, k, ms, s0, False), qs, k[b0:b1], v[b0:b1], ms,
+                                   q_offset=s0)
+                    return o.reshape(r1 - r0, Hl * D)
+                if buf is None:
+                    buf = torch.empty(B * S, Hl * D, dtype=q.dtype, device=q.device)
+                for b0, b1, s0, s1 in segs:
+                    dst = buf[b0 * S + s0: (b1 - 1) * S + s1].view(b1 - b0, s1 - s0, Hl, D)
+                    qs, ms = q[b0:b1, s0:s1], m.slice_batch(b0, b1)
+                    run_kernel(kernel_for(self.backend, qs, k, ms, s0, False), qs, k[b0:b1], v[b0:b1], ms,
+                               q_offset=s0, out=dst)
+                return buf[r0:r1]
 
-        handles = run_pipeline(plan, compute_tile, comm)
+        handles = self.o_proj.run(plan, produce, out.view(B * S, -1), comm, rec, "o_proj", self.parallel_tiles)
+        comm.wait_all(handles)
         if rec is not None:
             rec.comm(handles)
         return out

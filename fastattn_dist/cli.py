@@ -1,7 +1,8 @@
-"""Command line: ``fastattn-dist demo | profile | bench`` (also ``python -m fastattn_dist``).
+"""Command line: ``fastattn-dist demo | profile | bench | tune`` (also ``python -m fastattn_dist``).
 
 Without a launcher the CLI spawns local ranks itself (gloo on CPU). Under torchrun or mpirun it
-joins the launcher's process group instead (NCCL when GPUs are visible), and rank 0 prints.
+joins the launcher's process group instead (NCCL when GPUs are visible), and rank 0 prints. Every
+value is checked before any rank starts: a bad one is a one-line error and exit code 2.
 """
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, List, Optional
+from dataclasses import asdict
+from typing import List, Optional
 
-from .parallel.process_group import DEFAULT_TIMEOUT_S, detect_launcher, init_distributed, shutdown
-from .parallel.spawn import RankFailedError, spawn_ranks
+from .parallel.process_group import DEFAULT_TIMEOUT_S
+from .parallel.spawn import RankFailedError
 
 
-def _positive_int(value: str) -> int:
+class UsageError(ValueError):
+    """A bad argument value found after parsing: printed as one line, exit code 2."""
+
+
+def positive_int(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
@@ -25,114 +31,109 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _tiles(value: str):
+def nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {n}")
+    return n
+
+
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
+    return x
+
+
+def tiles_arg(value: str):
     if value == "auto":
         return value
     try:
-        return _positive_int(value)
+        return positive_int(value)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"tiles must be an int >= 1 or 'auto', got {value!r}") from None
 
 
-def add_block_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by demo and profile: world, shape, tiles, mask, dtype, link model, launcher."""
+# -- option groups shared by the subcommands ---------------------------------------------------------
+def add_rank_options(p: argparse.ArgumentParser, world_default: int = 2, timeout_default: float = DEFAULT_TIMEOUT_S):
     g = p.add_argument_group("ranks")
-    g.add_argument("--world-size", "-n", type=_positive_int, default=2, help="ranks to spawn (default 2; "
-                   "ignored under torchrun/mpirun, which set it)")
+    g.add_argument("--world-size", "-n", type=positive_int, default=world_default,
+                   help=f"ranks to spawn (default {world_default}; under torchrun/mpirun the launcher sets it)")
     g.add_argument("--launcher", choices=("auto", "spawn", "env"), default="auto",
-                   help="auto: join torchrun/mpirun if detected, else spawn local ranks")
+                   help="auto: join torchrun/mpirun/Slurm if detected, else spawn local ranks; env: require a "
+                        "launcher; spawn: always spawn local ranks")
     g.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
-                   help="process-group backend (default: nccl with GPUs, else gloo)")
-    g.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="timeout of every collective")
+                   help="process-group backend (default: nccl under a launcher with GPUs, else gloo)")
+    g.add_argument("--timeout-s", type=positive_float, default=timeout_default,
+                   help=f"timeout of rendezvous and of every collective, in seconds (default {timeout_default:g})")
+
+
+def add_shape_options(p: argparse.ArgumentParser, seq_default: int = 1024, dtype_default: str = "float32"):
     g = p.add_argument_group("block")
-    g.add_argument("--batch", type=_positive_int, default=1)
-    g.add_argument("--seq", type=_positive_int, default=1024)
-    g.add_argument("--hidden", type=_positive_int, default=1024)
-    g.add_argument("--heads", type=_positive_int, default=16)
-    g.add_argument("--kv-heads", type=_positive_int, default=4)
-    g.add_argument("--tiles", type=_tiles, default="auto", help="tile count or 'auto' (default)")
+    g.add_argument("--batch", type=positive_int, default=1, help="sequences per call (default 1)")
+    g.add_argument("--seq", type=positive_int, default=seq_default, help=f"tokens per sequence (default {seq_default})")
+    g.add_argument("--hidden", type=positive_int, default=1024, help="hidden size (default 1024)")
+    g.add_argument("--heads", type=positive_int, default=16, help="attention heads (default 16)")
+    g.add_argument("--kv-heads", type=positive_int, default=4, help="kv heads (GQA; default 4)")
+    g.add_argument("--tiles", type=tiles_arg, default="auto", help="tile count, or auto (the cost model; default)")
     g.add_argument("--mask", default="causal", help="causal (default), none, or sliding_window:W")
-    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    g.add_argument("--backend", default="auto", help="attention backend: auto, torch, triton, sdpa, reference")
+    g.add_argument("--dtype", default=dtype_default, help=f"float32, bfloat16, float16 (default {dtype_default})")
+    g.add_argument("--attn-backend", default="auto",
+                   help="attention kernel: auto (default: cudnn on Hopper, triton on other GPUs, torch on CPU), "
+                        "torch, triton, cudnn, sdpa, reference")
     g.add_argument("--no-rope", action="store_true", help="skip rotary embeddings")
+
+
+def add_link_options(p: argparse.ArgumentParser):
     g = p.add_argument_group("simulated link (CPU ranks)")
-    g.add_argument("--link-latency-us", type=float, default=50.0, help="per all-reduce latency (default 50)")
+    g.add_argument("--link-latency-us", type=float, default=50.0, help="per all-reduce latency in us (default 50)")
     g.add_argument("--link-gbps", type=float, default=0.08,
                    help="link bus bandwidth in GB/s (default 0.08: NVLink scaled to CPU compute speed)")
     g.add_argument("--no-link", action="store_true", help="no link model: real gloo transfers only")
+
+
+def add_timing_options(p: argparse.ArgumentParser, repeats: int = 5, warmup: int = 1):
     g = p.add_argument_group("timing")
-    g.add_argument("--warmup", type=int, default=1)
-    g.add_argument("--repeats", type=_positive_int, default=5)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--warmup", type=nonneg_int, default=warmup, help=f"untimed calls first (default {warmup})")
+    g.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed calls (default {repeats})")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
 
 
-def config_from_args(args):
-    from .demo import DemoConfig
+def launch_from_args(args):
+    from .runner import Launch
 
-    cfg = DemoConfig(world_size=args.world_size, batch=args.batch, seq=args.seq, hidden=args.hidden,
-                     heads=args.heads, kv_heads=args.kv_heads, tiles=args.tiles, mask=args.mask,
-                     dtype=args.dtype, backend=args.backend,
-                     link_latency_us=0.0 if args.no_link else args.link_latency_us,
-                     link_gbps=None if args.no_link else args.link_gbps,
-                     rope_theta=None if args.no_rope else 10000.0, warmup=args.warmup, repeats=args.repeats,
-                     seed=args.seed, verbose=not getattr(args, "json", False))
-    cfg.validate()
-    _check_shape(cfg)
+    return Launch(args.world_size, args.launcher, args.dist_backend, args.timeout_s)
+
+
+def block_config(args, launch):
+    from .workload import BlockConfig
+
+    cfg = BlockConfig(world_size=args.world_size, batch=args.batch, seq=args.seq, hidden=args.hidden,
+                      heads=args.heads, kv_heads=args.kv_heads, tiles=args.tiles, mask=args.mask,
+                      dtype=args.dtype, attn_backend=args.attn_backend,
+                      link_latency_us=0.0 if args.no_link else args.link_latency_us,
+                      link_gbps=None if args.no_link else args.link_gbps,
+                      rope_theta=None if args.no_rope else 10000.0, warmup=args.warmup, repeats=args.repeats,
+                      seed=args.seed, check=not getattr(args, "no_check", False),
+                      verbose=not getattr(args, "json", False))
+    cfg.validate(launch.device_type())
     return cfg
 
 
-def _check_shape(cfg) -> None:
-    """Shape errors before any rank starts: the same ValueError every rank would raise."""
-    from .parallel.sharding import TPShape
-
-    TPShape.checked(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.world_size, 0)
-
-
-def run_job(job: Callable, args, cfg, extra_args=()) -> Optional[dict]:
-    """Run ``job(rank, world, cfg, *extra)`` on every rank; return rank 0's result (None on other ranks)."""
-    launcher = args.launcher
-    if launcher == "auto":
-        launcher = "env" if detect_launcher() != "none" else "spawn"
-    if launcher == "spawn":
-        backend = args.dist_backend or "gloo"
-        cores = os.cpu_count() or 1
-        if backend == "gloo" and cfg.world_size > cores:
-            # each simulated device needs its own core: shared cores slow compute and gloo's threads alike,
-            # and tiles="auto" (which assumes one core per rank) then over-tiles
-            what = getattr(args, "command", "fastattn-dist")
-            print(f"[{what}] note: {cfg.world_size} CPU ranks on {cores} cores: the simulated devices share "
-                  "cores, so timings and tiles='auto' do not model separate devices", file=sys.stderr, flush=True)
-        results = spawn_ranks(job, cfg.world_size, (cfg, *extra_args), backend=backend, timeout_s=args.timeout_s)
-        return results[0]
-    ctx = init_distributed(args.dist_backend, timeout_s=args.timeout_s)
-    _share_cpu_cores(ctx)
-    try:
-        cfg.world_size = ctx.world_size
-        _check_shape(cfg)
-        res = job(ctx.rank, ctx.world_size, cfg, *extra_args)
-        return res if ctx.rank == 0 else None
-    finally:
-        shutdown()
-
-
-def _share_cpu_cores(ctx) -> None:
-    """CPU ranks of one node split its cores, unless the user set OMP_NUM_THREADS (torchrun does)."""
-    import os
-
-    import torch
-
-    if ctx.backend != "gloo" or "OMP_NUM_THREADS" in os.environ:
-        return
-    local = next((int(os.environ[n]) for n in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                                                "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE") if n in os.environ), 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-
-
+# -- subcommands ---------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .demo import format_table, run_rank
+    from .runner import run_job
 
-    cfg = config_from_args(args)
-    summary = run_job(run_rank, args, cfg)
+    launch = launch_from_args(args)
+    cfg = block_config(args, launch)
+    summary = run_job(run_rank, launch, (cfg,), check_world=cfg.check_shape, label="demo")
     if summary is None:  # not rank 0 under a launcher
         return 0
     if args.json:
@@ -145,31 +146,76 @@ def cmd_demo(args) -> int:
     print()
     print(format_table(summary))
     print()
-    if summary["num_tiles"] == 1:
+    err = summary.get("max_rel_err")
+    check = "not checked (--no-check)" if err is None else f"max rel err vs float64 reference {err:.2e}"
+    if summary["world_size"] == 1:
+        print("note: one rank: there is no comm to hide, so 'tiled' only shows what tiles cost")
+    elif summary["num_tiles"] == 1:
         print("note: the plan has one tile, so 'tiled' is the sequential block; their difference is noise")
-    print(f"speedup {summary['speedup']:.2f}x; tiled vs sequential max |diff| {summary['tiled_vs_sequential_max_abs']:.2e}; "
-          f"max rel err vs float64 reference {summary.get('max_rel_err', float('nan')):.2e}")
+    if summary["speedup"] is not None:
+        print(f"speedup {summary['speedup']:.2f}x; ", end="")
+    print(f"tiled vs sequential max |diff| {summary['tiled_vs_sequential_max_abs']:.2e}; {check}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .profiler.export import check_writable, write_outputs
+    from .profiler.job import profile_rank
+    from .profiler.report import print_report, render
+    from .runner import launch_rank, run_job
+
+    launch = launch_from_args(args)
+    cfg = block_config(args, launch)
+    # Fail on a bad --out before any rank starts (only where the files will be written).
+    out = check_writable(args.out) if launch_rank() == 0 else os.path.abspath(args.out)
+    opts = {"out": out, "torch_profiler": args.torch_profiler}
+    result = run_job(profile_rank, launch, (cfg, opts), check_world=cfg.check_shape, label="profile")
+    if result is None:  # not rank 0 under a launcher
+        return 0
+    prof = result["profile"]
+    files, summary = render(prof, args.compare, {k: v for k, v in asdict(cfg).items() if k != "extra"})
+    paths = write_outputs(out, files)
+    print_report(prof, summary, files, paths, cfg.describe(), cfg.tiles, cfg.repeats, bool(result.get("torch_trace")),
+                 out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastattn-dist", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastattn-dist", description="Tensor-parallel attention with tiling-AllReduce: "
+                                "demo, profile, bench and tune the TP block.")
     sub = p.add_subparsers(dest="command", required=True)
+
     d = sub.add_parser("demo", help="run the TP block sequentially and tiled, check and time both")
-    add_block_options(d)
+    add_rank_options(d)
+    add_shape_options(d)
+    add_link_options(d)
+    add_timing_options(d)
     d.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of the table")
+    d.add_argument("--no-check", action="store_true", help="skip the float64 reference check")
     d.set_defaults(func=cmd_demo)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+
+    pr = sub.add_parser("profile", help="record when each tile computed and communicated: Chrome trace, PNG "
+                                        "timeline, overlap metrics")
+    add_rank_options(pr)
+    add_shape_options(pr)
+    add_link_options(pr)
+    add_timing_options(pr)
+    g = pr.add_argument_group("profile")
+    g.add_argument("--out", default="profile_out", help="output directory (default ./profile_out)")
+    g.add_argument("--compare", action="store_true",
+                   help="put the sequential block (1 tile) beside the tiled one in the trace and the PNG")
+    g.add_argument("--torch-profiler", action="store_true",
+                   help="also run one tiled call under torch.profiler, our spans as record_function ranges "
+                        "(torch_trace_rank<N>.json per rank)")
+    pr.set_defaults(func=cmd_profile)
+
+    from . import bench, tune
+    bench.add_parser(sub)
+    tune.add_parser(sub)
     return p
 
 
-# Other modules add subcommands here (profile, bench): each a function taking the subparsers object.
-_EXTRA_COMMANDS: List[Callable] = []
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    _load_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -180,20 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RankFailedError as e:
         print(f"fastattn-dist: {e}", file=sys.stderr)
         return 1
-
-
-def _load_extra_commands() -> None:
-    import importlib
-
-    for mod in ("fastattn_dist.profiler.cli", "fastattn_dist.bench"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        if m.register not in _EXTRA_COMMANDS:
-            _EXTRA_COMMANDS.append(m.register)
+    except KeyboardInterrupt:
+        print("fastattn-dist: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

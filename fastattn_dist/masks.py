@@ -50,11 +50,16 @@ class Mask:
                 raise TypeError("key_lengths must be a torch.Tensor")
             if kl.dim() != 1 or kl.shape[0] != batch:
                 raise ValueError(f"key_lengths must have shape [{batch}] (one length per sequence), got {list(kl.shape)}")
-            if kl.dtype.is_floating_point or kl.dtype == torch.bool:
+            if kl.dtype.is_floating_point or kl.dtype.is_complex or kl.dtype == torch.bool:
                 raise TypeError(f"key_lengths must be an integer tensor, got {kl.dtype}")
-            lo, hi = int(kl.min()), int(kl.max())
-            if lo < 1 or hi > seq_k:
-                raise ValueError(f"key_lengths must lie in [1, {seq_k}] (the key sequence length), got min {lo}, max {hi}")
+            # Reading the values syncs with the device: do it once per lengths tensor and content version.
+            seen = (batch, seq_k, id(kl), kl._version)
+            if getattr(self, "_validated", None) != seen:
+                lo, hi = int(kl.min()), int(kl.max())
+                if lo < 1 or hi > seq_k:
+                    raise ValueError(f"key_lengths must lie in [1, {seq_k}] (the key sequence length), "
+                                     f"got min {lo}, max {hi}")
+                object.__setattr__(self, "_validated", seen)
 
     # -- per-block classification -----------------------------------------
     def classify(self, q_start: int, q_end: int, k_start: int, k_end: int,
@@ -115,7 +120,12 @@ class Mask:
             return self
         return Mask(self.causal, self.window, self.key_lengths[b0:b1])
 
+    def structure(self) -> tuple:
+        """What plans and captured graphs depend on, without the key lengths' values (no device sync)."""
+        return (self.causal, self.window, self.key_lengths is not None)
+
     def describe(self) -> str:
+        """For people (reads the key lengths: a device sync when they live on a GPU; not for hot paths)."""
         parts = ["causal" if self.causal else "none"]
         if self.window is not None:
             parts.append(f"window={self.window}")
@@ -145,6 +155,7 @@ class SlidingWindow(Mask):
 
     def __init__(self, window: int) -> None:
         super().__init__(True, window, None)
+        self.validate(1, 1)  # a bad window fails where it is written, not at the first forward
 
 
 class KeyPadding(Mask):
@@ -156,10 +167,12 @@ class KeyPadding(Mask):
 
     def __init__(self, lengths, causal: bool = True, window: Optional[int] = None) -> None:
         if not isinstance(lengths, torch.Tensor):
-            try:
-                lengths = torch.as_tensor(lengths, dtype=torch.int64)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"KeyPadding lengths must be a sequence of ints or an integer tensor: {e}") from None
+            values = list(lengths) if isinstance(lengths, (list, tuple)) else None
+            if values is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise TypeError(f"KeyPadding lengths must be a list of ints or an integer tensor, got {lengths!r}")
+            lengths = torch.tensor(values, dtype=torch.int64)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         super().__init__(causal, window, lengths)
 
 

@@ -3,25 +3,31 @@
 Each flattened token row costs
     attention:  4 * local_heads * head_dim * visible_keys(row) / attn_rate
     o_proj:     2 * local_heads * head_dim * hidden / gemm_rate
-and each tile adds a fixed ``tile_overhead`` (launches, Python). A tile's all-reduce costs
-``latency + 2 (n-1)/n * bytes / bus_bandwidth`` (the larger of the device profile's and the
-simulated link's). The model simulates the pipeline (comm of tile i may start when tile i is
-computed and the previous comm is done; the block ends when the last comm ends) for every
-candidate tile count with the cost-balanced plan, and picks the fastest. It keeps one tile
-unless the predicted gain is at least ``min_gain``: tiling never happens where it cannot pay
-(world size 1, short sequences where the overhead eats the overlap).
+and each tile after the first adds a fixed ``tile_overhead``. A tile's all-reduce costs
+``latency + 2 (n-1)/n * bytes / bus_bandwidth``: the simulated link's or the GPU stand-in's when one
+is in use, else the device profile's (on Hopper, fits to NCCL all-reduces measured over NVLink, per
+world size). The model simulates the pipeline (tile i's all-reduce starts when tile i is computed and
+the previous all-reduce is done; the block ends with the last all-reduce) for candidate plans: for
+every tile count the cost-balanced plan, then a local search over its cut points (a comm-bound block
+wants a small first tile, so the all-reduces start early; a compute-bound one a small last tile).
+It keeps one tile unless the predicted gain is at least ``min_gain``.
 
-The inputs are fixed per device profile, never measured at run time, so every rank computes
-the same plan without talking to the others.
+``tune.py`` can replace the compute side by measurement: a measured profile holds, per shape, the
+compute time of each plan it timed on this GPU; ``choose_plan`` then simulates those plans with their
+measured times, so a plan whose measured tile tax exceeds the comm it hides is never chosen.
+
+Inputs are fixed per device profile (or read from the same profile file), never measured at run time,
+so every rank computes the same plan without talking to the others.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import LinkModel, TilePlanOptions
+from .devices import family_of
 from .masks import Mask
 from .parallel.tiling_allreduce import TilePlan, cost_balanced_plan
 
@@ -37,27 +43,36 @@ class DeviceProfile:
     comm_latency_s: float      # all-reduce latency
     comm_bus_bytes_s: float    # all-reduce bus bandwidth
     min_tile_rows: int = 16    # smallest tile that still runs efficiently
+    # (latency s, bus bytes/s) by world size, where measured; other sizes use the nearest smaller one
+    comm_fits: Tuple[Tuple[int, float, float], ...] = ()
+
+    def allreduce_seconds(self, nbytes: int, world_size: int) -> float:
+        if world_size <= 1:
+            return 0.0
+        lat, bw = self.comm_latency_s, self.comm_bus_bytes_s
+        for w, fl, fb in sorted(self.comm_fits):
+            if w <= world_size:
+                lat, bw = fl, fb
+        return lat + 2.0 * (world_size - 1) / world_size * nbytes / bw
 
 
 # CPU figures: the torch backend on one core of a recent x86 server, gloo over loopback.
-# GPU figures: H100/H200 from our notes (NVLink NCCL) and docs/gpu_block.md (attention: the cudnn
-# backend's tiles on an H200, 465-580 TFLOP/s at S >= 8K; per extra tile 150-200 us of compute at
-# S = 8K, TP=1, its comm call included, same doc).
+# Hopper: attention (cuDNN) and GEMM rates and the per-tile overhead with prioritised tile streams,
+# measured on one H100 (docs/gpu_emulation.md); comm: fits to NCCL all-reduces of 16-512 MB on H200
+# NVLink nodes (the same fits as the GPU comm stand-in, parallel/standin.py).
 PROFILES = {
     "cpu": DeviceProfile("cpu", attn_flops=25e9, gemm_flops=90e9, tile_overhead_s=300e-6,
                          comm_latency_s=100e-6, comm_bus_bytes_s=2e9, min_tile_rows=16),
-    "hopper": DeviceProfile("hopper", attn_flops=520e12, gemm_flops=650e12, tile_overhead_s=150e-6,
-                            comm_latency_s=15e-6, comm_bus_bytes_s=250e9, min_tile_rows=256),
+    "hopper": DeviceProfile("hopper", attn_flops=560e12, gemm_flops=680e12, tile_overhead_s=20e-6,
+                            comm_latency_s=78e-6, comm_bus_bytes_s=310e9, min_tile_rows=256,
+                            comm_fits=((2, 78e-6, 310e9), (4, 131e-6, 347e9))),
     "gpu": DeviceProfile("gpu", attn_flops=150e12, gemm_flops=250e12, tile_overhead_s=20e-6,
                          comm_latency_s=20e-6, comm_bus_bytes_s=100e9, min_tile_rows=256),
 }
 
 
 def profile_for(device: torch.device) -> DeviceProfile:
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return PROFILES["hopper" if major >= 9 else "gpu"]
-    return PROFILES["cpu"]
+    return PROFILES[family_of(device).name]
 
 
 @dataclass(frozen=True)
@@ -88,33 +103,88 @@ class BlockCost:
         proj = 2.0 * self.local_heads * self.head_dim * self.hidden / profile.gemm_flops
         return (attn + proj).repeat(self.batch)
 
-    def allreduce_s(self, rows: int, profile: DeviceProfile, link: Optional[LinkModel]) -> float:
+    def allreduce_s(self, rows: int, profile: DeviceProfile, link: Optional[LinkModel],
+                    comm_model=None) -> float:
+        """One tile's all-reduce: the comm model's (a GPU stand-in) if given, else the slower of the
+        profile's and the simulated link's."""
         if self.world_size == 1:
             return 0.0
         nbytes = rows * self.hidden * self.elem_bytes
-        own = LinkModel(profile.comm_latency_s * 1e6, profile.comm_bus_bytes_s / 1e9)
-        t = own.allreduce_seconds(nbytes, self.world_size)
+        if comm_model is not None:
+            return comm_model.allreduce_seconds(nbytes, self.world_size)
+        t = profile.allreduce_seconds(nbytes, self.world_size)
         if link is not None and link.active:
             t = max(t, link.allreduce_seconds(nbytes, self.world_size))
         return t
 
 
+def _advance(t: float, work: float, busy: List[Tuple[float, float]], f: float) -> float:
+    """When ``work`` seconds of compute started at ``t`` end, if compute runs at rate 1 - f inside the
+    ``busy`` intervals (sorted, disjoint: a collective holding a share f of the SMs) and 1 elsewhere."""
+    for s, e in busy:
+        if work <= 0:
+            break
+        if e <= t:
+            continue
+        if s > t:  # free time before this interval
+            step = min(work, s - t)
+            t, work = t + step, work - step
+            if work <= 0:
+                break
+        rate = 1.0 - f
+        span_ = e - max(t, s)
+        if rate * span_ >= work:
+            return max(t, s) + work / rate
+        t, work = e, work - rate * span_
+    return t + max(work, 0.0)
+
+
 def simulate(plan: TilePlan, row_cost: torch.Tensor, cost: BlockCost, profile: DeviceProfile,
-             link: Optional[LinkModel]) -> Prediction:
-    """Predicted timeline of the pipeline for ``plan``."""
+             link: Optional[LinkModel], comm_model=None, compute_s: Optional[float] = None,
+             sm_fraction: float = 0.0) -> Prediction:
+    """Predicted timeline of the pipeline for ``plan``. ``compute_s``: a measured total compute time of this
+    plan, spread over its tiles by modelled cost (replaces the model's compute and overhead).
+    ``sm_fraction``: the share of SMs an all-reduce holds while it runs (slows the compute it overlaps)."""
     cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(row_cost, 0)])
-    t_compute = 0.0
-    t_comm = 0.0
-    total_compute = total_comm = 0.0
-    for i, (r0, r1) in enumerate(plan.ranges):
-        c = float(cum[r1] - cum[r0]) + (profile.tile_overhead_s if i > 0 else 0.0)
-        t_compute += c
-        total_compute += c
-        a = cost.allreduce_s(r1 - r0, profile, link)
+    tiles = [float(cum[r1] - cum[r0]) + (profile.tile_overhead_s if i > 0 else 0.0)
+             for i, (r0, r1) in enumerate(plan.ranges)]
+    if compute_s is not None:
+        scale = compute_s / sum(tiles)
+        tiles = [t * scale for t in tiles]
+    t_compute = t_comm = total_comm = 0.0
+    busy: List[Tuple[float, float]] = []
+    for (r0, r1), c in zip(plan.ranges, tiles):
+        t_compute = _advance(t_compute, c, busy, sm_fraction)
+        a = cost.allreduce_s(r1 - r0, profile, link, comm_model)
         total_comm += a
-        t_comm = max(t_compute, t_comm) + a
+        start = max(t_compute, t_comm)
+        t_comm = start + a
+        if a > 0:
+            busy.append((start, t_comm))
     block = max(t_compute, t_comm)
-    return Prediction(plan, block, total_compute, total_comm, block - total_compute)
+    return Prediction(plan, block, sum(tiles), total_comm, block - sum(tiles))
+
+
+def refine(plan: TilePlan, predict, min_rows: int) -> Tuple[TilePlan, float]:
+    """Local search over the cut points of ``plan`` (coordinate descent, halving steps); deterministic."""
+    bounds = list(plan.bounds)
+    best = predict(TilePlan(tuple(bounds)))
+    rows = bounds[-1]
+    step = max(min_rows, rows // 16)
+    while step >= max(1, min_rows // 2):
+        improved = False
+        for j in range(1, len(bounds) - 1):
+            for delta in (-step, step):
+                c = bounds[j] + delta
+                if c - bounds[j - 1] < min_rows or bounds[j + 1] - c < min_rows:
+                    continue
+                trial = bounds[:j] + [c] + bounds[j + 1:]
+                t = predict(TilePlan(tuple(trial)))
+                if t < best - 1e-12:
+                    bounds, best, improved = trial, t, True
+        if not improved:
+            step //= 2
+    return TilePlan(tuple(bounds)), best
 
 
 def candidate_plans(row_cost: torch.Tensor, options: TilePlanOptions, min_tile_rows: int) -> List[TilePlan]:
@@ -123,22 +193,70 @@ def candidate_plans(row_cost: torch.Tensor, options: TilePlanOptions, min_tile_r
     return [cost_balanced_plan(row_cost, n, options.last_tile_share) for n in range(1, most + 1)]
 
 
+@dataclass
+class MeasuredPlans:
+    """Compute times of plans measured on this GPU for one shape (``tune.py``): [(bounds, seconds)]."""
+
+    plans: List[Tuple[Tuple[int, ...], float]] = field(default_factory=list)
+
+
 def choose_plan(cost: BlockCost, mask: Mask, *, profile: DeviceProfile, link: Optional[LinkModel] = None,
-                options: TilePlanOptions = TilePlanOptions()) -> Prediction:
+                options: TilePlanOptions = TilePlanOptions(), comm_model=None, sm_fraction: float = 0.0,
+                measured: Optional[MeasuredPlans] = None) -> Prediction:
     """The plan ``tiles="auto"`` uses: the fastest predicted, or one tile if tiling gains < min_gain."""
     row_cost = cost.row_costs(mask, profile)
     rows = int(row_cost.numel())
-    single = simulate(TilePlan.single(rows), row_cost, cost, profile, link)
+
+    def sim(plan: TilePlan, compute_s: Optional[float] = None) -> Prediction:
+        return simulate(plan, row_cost, cost, profile, link, comm_model, compute_s, sm_fraction)
+
+    if measured is not None and measured.plans:
+        preds = [sim(TilePlan(tuple(b)), s) for b, s in measured.plans]
+        single = next((p for p in preds if p.plan.num_tiles == 1), None)
+        best = min(preds, key=lambda p: p.block_s)
+        if single is None or cost.world_size == 1:
+            return single or best
+        return single if best.block_s > single.block_s * (1.0 - options.min_gain) else best
+    single = sim(TilePlan.single(rows))
     if cost.world_size == 1:
         return single
     min_rows = max(options.min_tile_rows, profile.min_tile_rows)
     best = single
     for plan in candidate_plans(row_cost, options, min_rows)[1:]:
-        pred = simulate(plan, row_cost, cost, profile, link)
+        plan, _ = refine(plan, lambda p: sim(p).block_s, min_rows)
+        pred = sim(plan)
         if pred.block_s < best.block_s:
             best = pred
     if best.block_s > single.block_s * (1.0 - options.min_gain):
         return single
+    return best
+
+
+@dataclass(frozen=True)
+class CommOption:
+    """What the cost model needs of one comm path: its time model (None: the profile's) and SM share."""
+
+    model: object = None
+    sm_fraction: float = 0.0
+
+
+def choose(cost: BlockCost, mask: Mask, tiles, *, profile: DeviceProfile, comms: Dict[str, CommOption],
+           link: Optional[LinkModel] = None, options: TilePlanOptions = TilePlanOptions(),
+           measured: Optional[MeasuredPlans] = None) -> Tuple[Prediction, str]:
+    """The plan and the comm path for one call: ``tiles`` "auto" (the cost model), a fixed count or a plan; among
+    several comm paths the one with the lowest predicted block time (the first one on a tie)."""
+    best = None
+    for name, opt in comms.items():
+        if tiles == "auto":
+            pred = choose_plan(cost, mask, profile=profile, link=link, options=options, comm_model=opt.model,
+                               sm_fraction=opt.sm_fraction, measured=measured)
+        else:
+            plan = tiles if isinstance(tiles, TilePlan) else fixed_plan(cost, mask, tiles, profile=profile,
+                                                                        options=options)
+            pred = simulate(plan, cost.row_costs(mask, profile), cost, profile, link, opt.model,
+                            sm_fraction=opt.sm_fraction)
+        if best is None or pred.block_s < best[0].block_s * (1 - 1e-9):
+            best = (pred, name)
     return best
 
 
@@ -147,3 +265,21 @@ def fixed_plan(cost: BlockCost, mask: Mask, num_tiles: int, *, profile: DevicePr
     """The cost-balanced plan for a tile count the user fixed (at most one tile per row)."""
     return cost_balanced_plan(cost.row_costs(mask, profile), num_tiles, options.last_tile_share)
 
+
+def plans_to_time(cost: BlockCost, mask: Mask, profile: DeviceProfile, options: TilePlanOptions,
+                  link: Optional[LinkModel] = None, comm_model=None, counts: Sequence[int] = (1, 2, 3, 4)
+                  ) -> Dict[int, TilePlan]:
+    """What ``tune`` measures for a shape: per tile count, the plan the model would pick with that count."""
+    row_cost = cost.row_costs(mask, profile)
+    min_rows = max(options.min_tile_rows, profile.min_tile_rows)
+    out = {}
+
+    def predict(plan: TilePlan) -> float:
+        return simulate(plan, row_cost, cost, profile, link, comm_model).block_s
+
+    for n in counts:
+        if n * min_rows > row_cost.numel() and n > 1:
+            continue
+        plan = cost_balanced_plan(row_cost, n, options.last_tile_share)
+        out[n] = refine(plan, predict, min_rows)[0] if n > 1 and cost.world_size > 1 else plan
+    return out

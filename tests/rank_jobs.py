@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import fastattn_dist as fa
 from fastattn_dist.config import LinkModel
-from fastattn_dist.parallel.link import AllReduceStream
+from fastattn_dist.parallel.comm import ProcessGroupAllReduce
 
 
 def make_weights(hidden, heads, kv_heads, seed=0, dtype=torch.float32):
@@ -81,7 +81,7 @@ def forward_with(rank, world, x_shape, dtype, mask):
 
 def link_timing(rank, world, latency_us, gbps, nbytes, tiles):
     """Issue ``tiles`` all-reduces back to back through the simulated link; return the elapsed seconds."""
-    comm = AllReduceStream(None, LinkModel(latency_us, gbps))
+    comm = ProcessGroupAllReduce(None, LinkModel(latency_us, gbps))
     bufs = [torch.ones(nbytes // 4) for _ in range(tiles)]
     dist.barrier()
     t0 = time.perf_counter()

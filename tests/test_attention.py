@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import REL_TOL, assert_close_to_ref, rel_err
 from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow, attention
 from fastattn_dist.attention import BlockStats, reference_attention
+from fastattn_dist.reference_block import attention64
 
 MASKS = {
     "none": lambda B, S: NoMask(),
@@ -27,7 +28,8 @@ def make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed=0):
 
 
 def ref64(q, k, v, mask, q_offset=0):
-    return reference_attention(q.double(), k.double(), v.double(), mask, q_offset=q_offset, return_lse=True)
+    """The independent float64 reference (reference_block.py: written from the formula, imports nothing of ours)."""
+    return attention64(q, k, v, mask, q_offset=q_offset, return_lse=True)
 
 
 def test_reference_matches_sdpa_float64():
@@ -38,6 +40,12 @@ def test_reference_matches_sdpa_float64():
         sd = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                             is_causal=causal).transpose(1, 2)
         assert rel_err(out, sd) < 1e-12
+    # the reference backend (part of the product) against the independent float64 reference, every mask
+    for name, make in MASKS.items():
+        m = make(2, 37)
+        for off in (0, 11):
+            assert rel_err(reference_attention(q[:, off:], k, v, m, q_offset=off), ref64(q[:, off:], k, v, m, off)[0]) \
+                < 1e-12, name
 
 
 @pytest.mark.parametrize("seq", [1, 7, 37, 129])
@@ -150,6 +158,17 @@ def test_rows_without_visible_keys_are_zero():
     (dict(backend="cuda-magic"), ValueError),
     (dict(mask="casual"), ValueError),
     (dict(out=torch.empty(1, 5, 4, 4)), ValueError),
+    (dict(block_k=-1), ValueError),                                              # once returned zeros
+    (dict(block_q=-1), ValueError),                                              # once returned garbage
+    (dict(block_q=0), ValueError),
+    (dict(block_k=2.5), ValueError),
+    (dict(scale=0.0), ValueError),
+    (dict(scale=float("nan")), ValueError),
+    (dict(scale=-1.0), ValueError),
+    (dict(q_offset=1.5), ValueError),
+    (dict(return_lse="yes"), TypeError),
+    (dict(backend="cudnn"), ValueError),                                         # needs a GPU
+    (dict(out="buffer"), ValueError),
 ])
 def test_bad_input(bad, exc):
     args = dict(q=torch.randn(1, 5, 4, 8), k=torch.randn(1, 5, 2, 8), v=torch.randn(1, 5, 2, 8),

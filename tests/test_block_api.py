@@ -1,11 +1,13 @@
 """TPAttention's API in one process (world size 1): construction, weights, inputs, masks, errors."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from conftest import REL_TOL, rel_err
 from fastattn_dist import KeyPadding, SlidingWindow, TPAttention
-from fastattn_dist.block import rope
+from fastattn_dist.rope import Rotary, inverse_frequencies
 from fastattn_dist.reference_block import reference_block
 from rank_jobs import make_input, make_weights
 
@@ -30,11 +32,63 @@ def test_load_full_weights_accepts_linear_modules():
     assert torch.equal(blk.q_proj.weight, lin[0].weight) and torch.equal(blk.o_proj.weight, lin[3].weight)
 
 
-def test_rope_rotates_pairs_and_keeps_norms():
-    x = torch.randn(1, 9, 2, 16, dtype=torch.float64)
-    y = rope(x, 10000.0)
-    assert torch.allclose(y[:, 0], x[:, 0])  # position 0: no rotation
-    assert torch.allclose(y[..., :8].pow(2) + y[..., 8:].pow(2), x[..., :8].pow(2) + x[..., 8:].pow(2))
+def _rope_by_hand(x, theta, positions, freqs=None):
+    """RoPE from the formula, one element at a time in Python floats: pairs (i, i + D/2), angle p * f_i."""
+    B, S, H, D = x.shape
+    half = D // 2
+    freqs = freqs or [theta ** (-2.0 * i / D) for i in range(half)]
+    out = torch.empty_like(x, dtype=torch.float64)
+    for s in range(S):
+        p = float(positions[s])
+        for i in range(half):
+            c, sn = math.cos(p * freqs[i]), math.sin(p * freqs[i])
+            a, b = x[:, s, :, i].double(), x[:, s, :, i + half].double()
+            out[:, s, :, i] = a * c - b * sn
+            out[:, s, :, i + half] = b * c + a * sn
+    return out
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_the_formula_at_many_positions(theta):
+    x = torch.randn(2, 40, 3, 16, dtype=torch.float64)
+    positions = [0, 1, 2, 3, 7, 31, 100, 511, 1000, 4095] + list(range(5000, 5030))
+    got = Rotary(16, theta).apply(x, torch.tensor(positions))
+    assert torch.allclose(got, _rope_by_hand(x, theta, positions), atol=1e-9, rtol=0)
+    # float32 inputs: float32 angles, so large positions carry float32 rounding of p * f
+    got32 = Rotary(16, theta).apply(x.float(), torch.tensor(positions))
+    assert torch.allclose(got32.double(), _rope_by_hand(x, theta, positions), atol=2e-3, rtol=0)
+    # default positions are 0..S-1
+    assert torch.equal(Rotary(16, theta).apply(x), Rotary(16, theta).apply(x, torch.arange(40)))
+
+
+def test_rope_scaling_matches_the_formulas():
+    D, theta, factor = 16, 500000.0, 8.0
+    base = [theta ** (-2.0 * i / D) for i in range(D // 2)]
+    lin = inverse_frequencies(D, theta, {"rope_type": "linear", "factor": factor}, torch.float64)
+    assert torch.allclose(lin, torch.tensor([f / factor for f in base], dtype=torch.float64), rtol=1e-12)
+    cfg = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 64}
+    want = []
+    for f in base:  # Llama 3.1: long wavelengths scaled, short ones kept, a linear blend in between
+        wavelen = 2 * math.pi / f
+        if wavelen < 64 / 4.0:
+            want.append(f)
+        elif wavelen > 64 / 1.0:
+            want.append(f / factor)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            want.append((1 - smooth) * f / factor + smooth * f)
+    got = inverse_frequencies(D, theta, cfg, torch.float64)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12)
+    assert len({round(g / b, 6) for g, b in zip(want, base)}) >= 3  # the test covers all three regimes
+    x = torch.randn(1, 5, 2, D, dtype=torch.float64)
+    pos = [0, 3, 17, 900, 4000]
+    assert torch.allclose(Rotary(D, theta, cfg).apply(x, torch.tensor(pos)), _rope_by_hand(x, theta, pos, want),
+                          atol=1e-9)
+    for bad, exc in (({"rope_type": "yarn", "factor": 2.0}, ValueError), ({"rope_type": "linear"}, ValueError),
+                     ("linear", TypeError)):
+        with pytest.raises(exc):
+            Rotary(D, theta, bad)
 
 
 @pytest.mark.parametrize("kwargs,exc", [
@@ -52,6 +106,9 @@ def test_rope_rotates_pairs_and_keeps_norms():
     (dict(hidden_size=64, num_heads=8, backend="fast"), ValueError),
     (dict(hidden_size=64, num_heads=8, link=5), TypeError),
     (dict(hidden_size=64, num_heads=8, comm="nvshmem"), ValueError),
+    (dict(hidden_size=40, num_heads=8, num_kv_heads=2, rope_theta=1e4), ValueError),   # head_dim 5: no RoPE pairs
+    (dict(hidden_size=64, num_heads=8, backend="cudnn"), ValueError),                 # cuDNN needs a GPU
+    (dict(hidden_size=64, num_heads=8, comm=object()), TypeError),
 ])
 def test_bad_construction(kwargs, exc):
     with pytest.raises(exc):
@@ -80,7 +137,7 @@ def test_bad_weights():
     ([[1.0]], "causal", TypeError),
     (torch.randn(1, 5, 32), "diagonal", ValueError),                    # unknown mask
     (torch.randn(1, 5, 32), 7, TypeError),
-    (torch.randn(1, 5, 32), SlidingWindow(0), ValueError),              # window < 1
+    (torch.randn(1, 5, 32), "sliding_window:0", ValueError),            # window < 1
     (torch.randn(2, 5, 32), KeyPadding([5, 6]), ValueError),            # length > seq
     (torch.randn(2, 5, 32), KeyPadding([0, 5]), ValueError),            # length < 1
     (torch.randn(2, 5, 32), KeyPadding([5]), ValueError),               # one length per sequence

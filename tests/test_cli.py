@@ -58,10 +58,11 @@ def test_bench_quick_runs_every_variant_on_cpu(tmp_path):
     r = run_cli("bench", "--quick", "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--tile-counts", "3",
                 "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    data = json.loads((tmp_path / "bench_block.json").read_text())
+    data = json.loads((tmp_path / "bench_tp2.json").read_text())
     assert len(data["results"]) == 2
     for res in data["results"]:
-        assert set(res["runs"]) == {"eager_t1", "eager_tauto", "eager_t3", "graph_t1", "graph_tauto", "graph_t3"}
+        assert set(res["runs"]) == {"compute_t1", "compute_t3", "nccl_t1", "nccl_t3", "nccl_tauto", "auto_tauto"}
         assert all("error" not in v for v in res["runs"].values()), res["runs"]
-        assert res["max_rel_err"] < 1e-5
-    assert "| 256/8 | 301 |" in (tmp_path / "bench_block.md").read_text()
+        assert res["max_err_vs_t1"] < 1e-5 and res["max_err_vs_baseline"] < 1e-5
+        assert res["runs"]["nccl_t3"]["tiles"] == 3 and res["runs"]["compute_t3"]["tile_tax"] > 0
+    assert "| 2 | 256/8 | 2 | 301 |" in (tmp_path / "bench_tp2.md").read_text()

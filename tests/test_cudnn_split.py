@@ -9,6 +9,7 @@ import torch
 
 from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow
 from fastattn_dist.attention import cudnn_split, reference_attention
+from fastattn_dist.reference_block import attention64
 
 calls = []
 
@@ -33,7 +34,7 @@ def test_causal_tile_equals_reference(B, S, r0, r1):
     q, k, v = qkv(B, S, S, 3, 32, seed=S + r0)
     calls.clear()
     out = cudnn_split.split_attention(q[:, r0:r1], k, v, Causal(), q_offset=r0, attend=fake_cudnn)
-    ref = reference_attention(q[:, r0:r1], k, v, Causal(), q_offset=r0)
+    ref = attention64(q[:, r0:r1], k, v, Causal(), q_offset=r0)
     assert torch.allclose(out, ref, atol=1e-12, rtol=1e-12)
     want = [(r1 - r0, r1 - r0, True)] + ([(r1 - r0, r0, False)] if r0 else [])
     assert calls == want, "a causal tile is one top-left causal call, plus one unmasked call for its prefix"
@@ -46,7 +47,7 @@ def test_tile_written_into_token_buffer_slice():
     view = buf[:, r0:r1].view(B, r1 - r0, H, D)
     res = cudnn_split.split_attention(q[:, r0:r1], k, v, Causal(), q_offset=r0, out=view, attend=fake_cudnn)
     assert res.data_ptr() == view.data_ptr()
-    assert torch.allclose(view, reference_attention(q[:, r0:r1], k, v, Causal(), q_offset=r0), atol=1e-12)
+    assert torch.allclose(view, attention64(q[:, r0:r1], k, v, Causal(), q_offset=r0), atol=1e-12)
     assert buf[:, :r0].abs().sum() == 0 and buf[:, r1:].abs().sum() == 0
 
 
@@ -54,7 +55,7 @@ def test_unmasked_is_one_call():
     q, k, v = qkv(1, 9, 31, 2, 32, seed=5)
     calls.clear()
     out = cudnn_split.split_attention(q, k, v, NoMask(), q_offset=4, attend=fake_cudnn)
-    assert torch.allclose(out, reference_attention(q, k, v, NoMask()), atol=1e-12)
+    assert torch.allclose(out, attention64(q, k, v, NoMask()), atol=1e-12)
     assert calls == [(9, 31, False)]
 
 

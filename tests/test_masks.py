@@ -46,9 +46,30 @@ def test_string_masks_and_errors():
         resolve_mask(3)
 
 
+@pytest.mark.parametrize("make,exc", [
+    (lambda: SlidingWindow(0), ValueError),
+    (lambda: SlidingWindow(-3), ValueError),
+    (lambda: SlidingWindow(2.5), TypeError),
+    (lambda: KeyPadding([1.5, 40]), TypeError),      # once silently truncated to 1
+    (lambda: KeyPadding([True, 4]), TypeError),
+    (lambda: KeyPadding("ab"), TypeError),
+    (lambda: KeyPadding([3, 4], causal=1), TypeError),
+])
+def test_bad_masks_fail_where_they_are_written(make, exc):
+    with pytest.raises(exc):
+        make()
+
+
+def test_key_length_check_reads_the_values_once_per_version():
+    m = KeyPadding(torch.tensor([3, 8]))
+    m.validate(2, 8)
+    m.key_lengths[0] = 9          # an in-place change bumps the version: checked again
+    with pytest.raises(ValueError):
+        m.validate(2, 8)
+    assert m.structure() == (True, None, True)
+
+
 @pytest.mark.parametrize("mask,batch,seq,exc", [
-    (SlidingWindow(0), 1, 8, ValueError),
-    (SlidingWindow(-3), 1, 8, ValueError),
     (KeyPadding([0, 3]), 2, 8, ValueError),      # a sequence with no key
     (KeyPadding([9, 3]), 2, 8, ValueError),      # longer than the keys
     (KeyPadding([3]), 2, 8, ValueError),         # one length per sequence

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastattn_dist as fa
-from fastattn_dist.parallel.link import CommHandle
+from fastattn_dist.parallel.comm import CommHandle
 from fastattn_dist.profiler import recorder as recorder_mod
 from fastattn_dist.profiler.export import chrome_trace, write_outputs
 from fastattn_dist.profiler.gather import ClockOffset, Profile, align, gather_profile
@@ -350,7 +350,7 @@ def test_cli_profile_compare_end_to_end(tmp_path):
 
 
 def test_render_without_matplotlib_skips_only_the_png(monkeypatch):
-    from fastattn_dist.profiler.cli import render
+    from fastattn_dist.profiler.report import render
 
     files, summary = render(two_rank_profile(), True, {})
     assert sorted(files) == ["metrics.json", "timeline.png", "trace.json"]

@@ -2,19 +2,19 @@
 import pytest
 
 from fastattn_dist import spawn_ranks
-from fastattn_dist.demo import DemoConfig
+from fastattn_dist.workload import BlockConfig
 
 # The demo's default shape with a link at 0.12 GB/s: comm is about half of compute, long enough to
 # matter (35 ms a block) while each tile's transfer fits under the next tile's compute. Smaller shapes
 # on the 2-core box let gloo's own CPU-starved transfers, not the link model, set the comm time.
-CFG = DemoConfig(tiles="auto", link_gbps=0.12, warmup=1, repeats=2, verbose=False, check=False)
+CFG = BlockConfig(tiles="auto", link_gbps=0.12, warmup=1, repeats=2, verbose=False, check=False)
 
 
 def profile_job(rank, world, cfg):
     """Count calls with recording off, record both runs, gather; then a gather with a tile missing on rank 1."""
     from test_profiler import counting
 
-    from fastattn_dist.demo import make_inputs
+    from fastattn_dist.workload import make_inputs
     from fastattn_dist.masks import resolve_mask
     from fastattn_dist.profiler.gather import estimate_clock_offsets, gather_profile
     from fastattn_dist.profiler.job import record_runs

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("interpreter tests: set TRITON_INTERPRET=1 (the GPU checks are in tests/gpu)", allow_module_level=True)
 
 from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow, attention  # noqa: E402
-from fastattn_dist.attention import reference_attention  # noqa: E402
+from fastattn_dist.reference_block import attention64  # noqa: E402
 
 if "fastattn_dist.attention.triton_fa" in sys.modules:  # imported earlier without the interpreter: rebuild
     importlib.reload(sys.modules["fastattn_dist.attention.triton_fa"])
@@ -64,7 +64,7 @@ def rel(out, ref):
 
 
 def check(out, lse, q, k, v, mask, q_offset, what):
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), mask, q_offset=q_offset, return_lse=True)
+    ref, ref_lse = attention64(q, k, v, mask, q_offset=q_offset, return_lse=True)
     err = rel(out, ref)
     assert err <= TOL[q.dtype], f"{what}: ||out-ref||/||ref|| = {err:.2e} > {TOL[q.dtype]:.0e}"
     if lse is not None:
@@ -210,26 +210,44 @@ def test_sdpa_backend_on_cpu():
     q, k, v = qkv(2, 17, 40, 4, 2, 32, torch.float64, seed=23)
     for mask, off in ((Causal(), 23), (NoMask(), 0), (KeyPadding([9, 40], window=5), 23)):
         out = sdpa_attention(q, k, v, mask, q_offset=off)
-        ref = reference_attention(q, k, v, mask, q_offset=off)
+        ref = attention64(q, k, v, mask, q_offset=off)
         assert rel(out, ref) < 1e-12
     q, k, v = qkv(1, 17, 17, 2, 2, 32, torch.float64, seed=29)
     out = sdpa_attention(q, k, v, Causal())
-    assert rel(out, reference_attention(q, k, v, Causal())) < 1e-12
+    assert rel(out, attention64(q, k, v, Causal())) < 1e-12
 
 
-def test_auto_backend_falls_back_once(monkeypatch, caplog):
-    from fastattn_dist.attention import dispatch_gpu
-    monkeypatch.setattr(dispatch_gpu, "_told", set())
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (7, 0))
-    with caplog.at_level(logging.WARNING, logger="fastattn_dist"):
-        assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "sdpa"
-        assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "sdpa"
-    msgs = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
-    assert len(msgs) == 1 and "7.0" in msgs[0]
+def test_auto_backend_per_family_and_fallback_logged_once(monkeypatch, caplog):
+    from fastattn_dist.attention import select
+    monkeypatch.setattr(select, "_told", set())
+    cuda0 = torch.device("cuda", 0)
+    for cc, want in (((9, 0), "cudnn"), ((8, 0), "triton"), ((7, 5), "sdpa")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None, cc=cc: cc)
+        assert select.resolve_backend("auto", cuda0) == want, cc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (9, 0))
-    assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "cudnn"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (8, 0))
-    assert dispatch_gpu.auto_backend(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setattr(select, "_triton_importable", lambda: "Triton is not importable (test)")
+    with caplog.at_level(logging.WARNING, logger="fastattn_dist"):
+        assert select.resolve_backend("auto", cuda0) == "sdpa"
+        assert select.resolve_backend("auto", cuda0) == "sdpa"
+    msgs = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(msgs) == 1 and "not importable" in msgs[0]
+    assert select.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_kernel_fallback_chain():
+    """The one place that routes a call: cudnn -> triton (what cuDNN cannot take) -> torch (fp64); sdpa -> torch (LSE)."""
+    from fastattn_dist.attention import select
+    q16, k16, _ = qkv(1, 8, 8, 2, 2, 64, F16, seed=1)
+    q64, k64, _ = qkv(1, 8, 8, 2, 2, 64, torch.float64, seed=1)
+    assert select.kernel_for("cudnn", q16, k16, Causal(), 0, False) == "triton"      # CPU tensors: no cuDNN
+    assert select.kernel_for("cudnn", q64, k64, Causal(), 0, False) == "torch"
+    assert select.kernel_for("triton", q64, k64, Causal(), 0, False) == "torch"
+    assert select.kernel_for("sdpa", q16, k16, Causal(), 0, True) == "torch"
+    assert select.kernel_for("sdpa", q16, k16, Causal(), 0, False) == "sdpa"
+    assert select.kernel_for("torch", q16, k16, Causal(), 0, True) == "torch"
+    assert select.available("cudnn", torch.device("cpu")) is not None
+    assert select.available("triton", torch.device("cpu")) is None  # this module runs under the interpreter
+    assert "unknown" in select.available("fast", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dt", [F32, F16])

@@ -1,4 +1,4 @@
-"""The attention entry point: validation, then dispatch by backend and device.
+"""The attention entry point: validation, then the kernel ``select.kernel_for`` picks for the call.
 
 Backends:
   ``reference``  standard attention with the mask materialised (the baseline; O(S^2) memory)
@@ -6,22 +6,24 @@ Backends:
   ``triton``     the Triton FlashAttention-2 forward kernel (CUDA, compute capability >= 8.0,
                  or CPU tensors under TRITON_INTERPRET=1)
   ``cudnn``      cuDNN's fused attention, a causal row range cut into an unmasked prefix and a causal
-                 diagonal merged by LSE (cudnn_split.py); what cuDNN cannot take goes to ``triton``
+                 diagonal merged by LSE (cudnn_split.py)
   ``sdpa``       PyTorch's scaled_dot_product_attention, memory-efficient kernel (older GPUs)
-  ``auto``       cudnn on Hopper (compute capability 9.x, where cuDNN is the faster kernel), triton on
-                 other CUDA GPUs >= 8.0 when Triton is installed, sdpa on older ones, torch on CPU
+  ``auto``       the device family's kernel (devices.py): cudnn on Hopper, triton on other GPUs >= 8.0,
+                 sdpa on older ones, torch on CPU
+What a kernel cannot take goes down one fixed chain (select.py): cudnn -> triton -> torch, sdpa -> torch.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ..masks import MaskLike, resolve_mask
+from ..masks import Mask, MaskLike, resolve_mask
 from .reference import reference_attention
+from .select import BACKENDS, available, kernel_for, resolve_backend
 from .tiled import BlockStats, tiled_attention
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cudnn", "sdpa")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -44,22 +46,28 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"head_dim of q ({q.shape[3]}) and k ({k.shape[3]}) differ")
-    if q.shape[1] < 1 or k.shape[1] < 1 or q.shape[0] < 1:
+    if q.shape[1] < 1 or k.shape[1] < 1 or q.shape[0] < 1 or q.shape[3] < 1:
         raise ValueError(f"empty input: q {list(q.shape)}, k {list(k.shape)}")
     if k.shape[2] < 1 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``auto`` stands for on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        from . import dispatch_gpu
-        return dispatch_gpu.auto_backend(device)
-    return "torch"
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_options(q_offset, scale, block_q, block_k, return_lse) -> None:
+    """The numeric knobs of ``attention``: every one checked (a bad block size once gave zeros)."""
+    _check_int("q_offset", q_offset, 0)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b is not None:
+            _check_int(name, b, 1)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike = "causal", *,
@@ -71,26 +79,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike 
 
     ``mask``: "causal", "none", or a Mask object. ``q_offset``: query row i sits at absolute
     position ``q_offset + i`` (a tile of rows of a longer sequence). ``out``: a ``[B, Sq, Hq, D]``
-    tensor (a view into a larger buffer is fine) that receives the result. Returns ``out``,
-    or ``(out, lse)`` with ``lse`` ``[B, Hq, Sq]`` float32 when ``return_lse``.
+    tensor (a view into a larger buffer is fine) that receives the result. ``block_q``/``block_k``:
+    the torch kernel's tile sizes. Returns ``out``, or ``(out, lse)`` with ``lse`` ``[B, Hq, Sq]``
+    float32 (natural log) when ``return_lse``.
     """
     check_qkv(q, k, v)
     m = resolve_mask(mask)
     m.validate(q.shape[0], k.shape[1])
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError(f"out must be a {q.dtype} tensor of shape {list(q.shape)} on {q.device}, "
-                         f"got {out.dtype} {list(out.shape)} on {out.device}")
-    which = resolve_backend(backend, q.device)
-    return run_backend(which, q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
-                       block_q=block_q, block_k=block_k, stats=stats)
+    check_options(q_offset, scale, block_q, block_k, return_lse)
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+                            or out.device != q.device):
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {list(q.shape)} on {q.device}, got "
+                         + (f"{out.dtype} {list(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+                            else type(out).__name__))
+    why = available(backend, q.device)
+    if why:
+        raise ValueError(why)
+    which = kernel_for(backend, q, k, m, q_offset, return_lse)
+    return run_kernel(which, q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
+                      block_q=block_q, block_k=block_k, stats=stats)
 
 
-def run_backend(which: str, q, k, v, m, *, q_offset: int = 0, scale: Optional[float] = None,
-                return_lse: bool = False, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
-                block_k: Optional[int] = None, stats: Optional[BlockStats] = None):
-    """``attention`` without validation, for callers that validated once (the block, per tile)."""
+def run_kernel(which: str, q, k, v, m: Mask, *, q_offset: int = 0, scale: Optional[float] = None,
+               return_lse: bool = False, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
+               block_k: Optional[int] = None, stats: Optional[BlockStats] = None):
+    """Run the kernel ``kernel_for`` chose, on validated input (the block calls this per tile)."""
     if which == "reference":
         res = reference_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse)
         if out is not None:
@@ -105,10 +118,11 @@ def run_backend(which: str, q, k, v, m, *, q_offset: int = 0, scale: Optional[fl
         from .triton_fa import triton_attention
         return triton_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
     if which == "cudnn":
-        from .cudnn_split import cudnn_attention
-        return cudnn_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
+        from .cudnn_split import split_attention
+        return split_attention(q, k, v, m, q_offset=q_offset, scale=scale, out=out)
     from .sdpa import sdpa_attention
-    return sdpa_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
+    return sdpa_attention(q, k, v, m, q_offset=q_offset, scale=scale, out=out)
 
-__all__ = ["attention", "run_backend", "check_qkv", "resolve_backend", "BACKENDS", "BlockStats",
-           "reference_attention", "tiled_attention"]
+
+__all__ = ["attention", "run_kernel", "kernel_for", "check_qkv", "check_options", "resolve_backend", "available",
+           "BACKENDS", "BlockStats", "reference_attention", "tiled_attention"]

@@ -11,8 +11,9 @@ each one cuDNN call that also returns its log-sum-exp, and one merge pass writes
 mix into ``out`` (a slice of the o_proj input buffer): ``out = o_d + sigmoid(lse_p - lse_d) (o_p - o_d)``.
 The first tile (r0 = 0) and unmasked calls are a single cuDNN call and a copy.
 
-What cuDNN cannot take (windows, key lengths, GQA, fp32, an LSE for the caller) goes to the Triton
-kernel, per call. The merge and the cut are plain code, tested on CPU with any attention in place of
+``supports`` says which calls cuDNN can take whole; the rest go to the Triton kernel (attention/select.py).
+With no ``out``, a single-call tile returns cuDNN's own output (token-major, so the o_proj GEMM reads it
+as it is: no copy). The merge and the cut are plain code, tested on CPU with any attention in place of
 cuDNN (``attend=``); cuDNN itself is checked in tests/gpu.
 """
 from __future__ import annotations
@@ -52,20 +53,19 @@ def cudnn_attend(q, k, v, causal: bool, scale: float, want_lse: bool):
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
                     scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
                     attend: Attend = cudnn_attend) -> torch.Tensor:
-    """Same contract as ``tiled_attention`` (no LSE) for the calls ``supports`` accepts."""
+    """Same contract as ``tiled_attention`` (no LSE) for the calls ``supports`` accepts; with ``out=None`` a
+    single-call tile returns cuDNN's output itself."""
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    if out is None:
-        out = torch.empty_like(q)
     Sq = q.shape[1]
     if not mask.causal:
         o, _ = attend(q, k, v, False, scale, False)
-        return out.copy_(o)
+        return o if out is None else out.copy_(o)
     r0, r1 = q_offset, q_offset + Sq
     o_d, lse_d = attend(q, k[:, r0:r1], v[:, r0:r1], True, scale, r0 > 0)
     if r0 == 0:
-        return out.copy_(o_d)
+        return o_d if out is None else out.copy_(o_d)
     o_p, lse_p = attend(q, k[:, :r0], v[:, :r0], False, scale, True)
-    return merge(out, o_p, lse_p, o_d, lse_d)
+    return merge(torch.empty_like(q) if out is None else out, o_p, lse_p, o_d, lse_d)
 
 
 def merge(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
@@ -78,11 +78,3 @@ def merge(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.
     w = torch.sigmoid(lse_a.to(cdt) - lse_b.to(cdt)).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
     return out.copy_(torch.lerp(o_b.to(cdt), o_a.to(cdt), w))
 
-
-def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
-                    scale: Optional[float] = None, return_lse: bool = False, out: Optional[torch.Tensor] = None):
-    """The ``cudnn`` backend: cuDNN (split and merged) where ``supports`` says so, else the Triton kernel."""
-    if q.is_cuda and supports(q, k, mask, q_offset, return_lse):
-        return split_attention(q, k, v, mask, q_offset=q_offset, scale=scale, out=out)
-    from .triton_fa import triton_attention
-    return triton_attention(q, k, v, mask, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)

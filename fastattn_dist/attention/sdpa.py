@@ -4,7 +4,8 @@ For GPUs where the Triton kernel does not run (compute capability < 8.0). Masks 
 express natively (causal with ``q_offset``, windows, key lengths) become a boolean ``[Sq, Sk]``
 (or ``[B, Sq, Sk]``) mask built per call for the needed region only: O(Sq x Sk) memory, which is
 why this is the fallback and not the main path. GQA repeats K/V (the efficient kernel takes no
-grouped heads). ``return_lse`` goes to the tiled torch path, since SDPA's public API returns no LSE.
+grouped heads). Calls that want an LSE go to the torch kernel (attention/select.py): SDPA's public API
+returns none.
 """
 from __future__ import annotations
 
@@ -16,14 +17,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..masks import Mask
-from .tiled import tiled_attention
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
-                   scale: Optional[float] = None, return_lse: bool = False, out: Optional[torch.Tensor] = None):
-    """Same contract as ``tiled_attention``."""
-    if return_lse:
-        return tiled_attention(q, k, v, mask, q_offset=q_offset, scale=scale, return_lse=True, out=out)
+                   scale: Optional[float] = None, out: Optional[torch.Tensor] = None):
+    """Same contract as ``tiled_attention`` without the LSE."""
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale

@@ -19,6 +19,7 @@ Softmax runs in base 2: log2(e) is folded into the scale so each score costs one
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -333,10 +334,9 @@ def _tma_descs(q, k, v, d_pad):
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
                      scale: Optional[float] = None, return_lse: bool = False, out: Optional[torch.Tensor] = None):
-    """Same contract as ``tiled_attention`` (see the module docstring); float64 goes to the torch path."""
-    if q.dtype == torch.float64:  # no fp64 tensor-core path worth having: the readable torch kernel
-        from .tiled import tiled_attention
-        return tiled_attention(q, k, v, mask, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
+    """Same contract as ``tiled_attention`` (see the module docstring) for fp16, bf16 and fp32."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton kernel takes fp16, bf16 or fp32, got {q.dtype} (float64 goes to the torch kernel)")
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -380,7 +380,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
         descs = _tma_descs(q, k, v, d_pad)
     # launches go to the current device: switch only when q lives elsewhere (the switch costs host time)
     switch = q.device.type == "cuda" and q.device.index not in (None, torch.cuda.current_device())
-    with torch.cuda.device(q.device) if switch else _nullctx():
+    with torch.cuda.device(q.device) if switch else contextlib.nullcontext():
         if fixed is not None:
             fixed = dict(fixed)
             fixed["USE_TMA"] = bool(fixed.get("USE_TMA")) and descs[0] is not None
@@ -394,15 +394,6 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     if return_lse:
         return out, lse
     return out
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from .link import CommHandle
+from .comm import CommHandle, comm_stream
 
 BARRIER_TIMEOUT_MS = 120_000
 
@@ -46,9 +46,11 @@ def copy_engine_available(device: torch.device, group=None) -> bool:
 
 
 class CopyEngineAllReduce:
-    """Same interface as ``AllReduceStream`` (prepare / start / wait_all) over symmetric memory."""
+    """The comm interface of comm.py (prepare / start / wait / wait_all) over symmetric memory."""
 
-    def __init__(self, group=None, device: torch.device = None, comm_stream_priority: int = -1) -> None:
+    sm_fraction = 0.0  # copies run on copy engines; the barrier and sum kernels are a few small blocks
+
+    def __init__(self, group=None, device: torch.device = None) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         self._symm_mem = symm_mem
@@ -56,8 +58,8 @@ class CopyEngineAllReduce:
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.device = device
-        self._stream = torch.cuda.Stream(device=device, priority=comm_stream_priority)
-        self._key = None
+        self._stream = comm_stream(device)
+        self._sets = {}  # (rows, cols, dtype) -> symmetric buffer set; kept, since captured graphs point at them
         self._out = None
 
     def enable_timing(self, on: bool = True) -> None:
@@ -65,16 +67,17 @@ class CopyEngineAllReduce:
 
     def _buffers(self, rows: int, cols: int, dtype: torch.dtype):
         key = (rows, cols, dtype)
-        if self._key != key:  # collective: every rank sees the same shapes in the same order
+        if key not in self._sets:  # collective: every rank sees the same shapes in the same order
             enable = getattr(self._symm_mem, "enable_symm_mem_for_group", None)
             if enable is not None:
                 enable(self.group.group_name)
-            self._buf = self._symm_mem.empty(rows, cols, dtype=dtype, device=self.device)
-            self._handle = self._symm_mem.rendezvous(self._buf, self.group)
-            self._peers = [self._handle.get_buffer(p, (rows, cols), dtype) for p in range(self.world_size)]
+            buf = self._symm_mem.empty(rows, cols, dtype=dtype, device=self.device)
+            handle = self._symm_mem.rendezvous(buf, self.group)
+            peers = [handle.get_buffer(p, (rows, cols), dtype) for p in range(self.world_size)]
             most = -(-rows // self.world_size)
-            self._staging = torch.empty(self.world_size, most, cols, dtype=dtype, device=self.device)
-            self._key = key
+            staging = torch.empty(self.world_size, most, cols, dtype=dtype, device=self.device)
+            self._sets[key] = (buf, handle, peers, staging)
+        self._buf, self._handle, self._peers, self._staging = self._sets[key]
         return self._buf
 
     def prepare(self, out: torch.Tensor) -> torch.Tensor:
@@ -107,7 +110,12 @@ class CopyEngineAllReduce:
             if getattr(self, "_timing", False):
                 h.end_event = torch.cuda.Event(enable_timing=True)
                 h.end_event.record()
+            h.done = torch.cuda.Event()
+            h.done.record()
         return h
+
+    def wait(self, handle: CommHandle) -> None:
+        torch.cuda.current_stream(self.device).wait_event(handle.done)
 
     def wait_all(self, handles) -> None:
         with torch.cuda.stream(self._stream):

@@ -1,19 +1,17 @@
-"""tiling-AllReduce: the tile plan over token rows and the compute/communicate pipeline.
+"""tiling-AllReduce: the tile plan over token rows.
 
-The block's token rows (batch x seq, flattened) are cut into tiles. For tile i the caller's
-``compute_tile`` runs attention and o_proj into a slice of the output, then that slice's
-all-reduce is issued asynchronously and the loop moves on to tile i+1 while it flies. One wait
-at the end. With one tile this is exactly the sequential block. The pipeline knows nothing of
-attention backends: it calls back.
+The block's token rows (batch x seq, flattened) are cut into tiles; ``TilePlan`` holds the cuts,
+``cost_balanced_plan`` places them by cost, ``tile_segments`` maps a tile back to sequences. The
+pipeline that runs a plan (tile i: produce its rows -> GEMM -> asynchronous all-reduce, while tile
+i+1 computes) is the tiled row-parallel linear, row_parallel.py; it knows nothing of attention
+backends: it calls back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
-
-from .link import CommHandle
 
 
 @dataclass(frozen=True)
@@ -87,17 +85,3 @@ def tile_segments(r0: int, r1: int, seq_len: int) -> Iterator[Tuple[int, int, in
             yield b, b + 1, s, e - b * seq_len
             r = e
 
-
-def run_pipeline(plan: TilePlan, compute_tile: Callable[[int, int, int], torch.Tensor],
-                 comm) -> List[CommHandle]:
-    """For each tile: ``compute_tile(i, r0, r1)`` returns the tile's partial-sum slice; all-reduce it async.
-
-    ``comm`` is an ``AllReduceStream`` (NCCL or gloo) or a ``CopyEngineAllReduce``: ``start(piece, i, rows)``
-    issues one tile, ``wait_all(handles)`` orders the caller after all of them.
-    """
-    handles = []
-    for i, (r0, r1) in enumerate(plan.ranges):
-        piece = compute_tile(i, r0, r1)
-        handles.append(comm.start(piece, i, (r0, r1)))
-    comm.wait_all(handles)
-    return handles

@@ -10,38 +10,16 @@ import os
 import sys
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from ..block import TPAttention
-from ..demo import DTYPES, DemoConfig, make_inputs
 from ..masks import resolve_mask
+from ..runner import barrier, job_device, sync
+from ..workload import BlockConfig, build_block
 from .gather import estimate_clock_offsets, gather_profile
 from .recorder import SpanRecorder, TorchProfilerRecorder
 
 RUNS = ("sequential", "tiled")
 
 
-def _device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _barrier(device: torch.device) -> None:
-    # An all-reduce, waited for on the host: a barrier on gloo and NCCL alike.
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.zeros(1, device=device)
-        dist.all_reduce(t)
-        t.item()
-
-
-def record_runs(block: TPAttention, x, mask, runs, warmup: int, repeats: int, recorder: SpanRecorder,
+def record_runs(block, x, mask, runs, warmup: int, repeats: int, recorder: SpanRecorder,
                 log=None) -> None:
     """For each ``(label, tiles)``: ``warmup`` calls unrecorded, then ``repeats`` recorded ones."""
     device = x.device
@@ -53,17 +31,16 @@ def record_runs(block: TPAttention, x, mask, runs, warmup: int, repeats: int, re
         recorder.run = label
         for i in range(repeats):
             recorder.step = i
-            _barrier(device)
-            _sync(device)
+            barrier(device)
             block.recorder = recorder
             try:
                 block(x, mask=mask, tiles=tiles)
             finally:
                 block.recorder = None
-        _sync(device)
+        sync(device)
 
 
-def torch_profile(block: TPAttention, x, mask, tiles, path: str) -> str:
+def torch_profile(block, x, mask, tiles, path: str) -> str:
     """One tiled call under torch.profiler with record_function ranges for our spans; Chrome trace to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -71,14 +48,14 @@ def torch_profile(block: TPAttention, x, mask, tiles, path: str) -> str:
     block(x, mask=mask, tiles=tiles)  # warm: the profiled call is a steady-state one
     rec = TorchProfilerRecorder(block.rank, x.device)
     rec.run = "torch-profiler"
-    _barrier(x.device)
+    barrier(x.device)
     with profile(activities=acts) as prof:
         block.recorder = rec
         try:
             block(x, mask=mask, tiles=tiles)
         finally:
             block.recorder = None
-        _sync(x.device)
+        sync(x.device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     prof.export_chrome_trace(tmp)
@@ -86,16 +63,13 @@ def torch_profile(block: TPAttention, x, mask, tiles, path: str) -> str:
     return path
 
 
-def profile_rank(rank: int, world_size: int, cfg: DemoConfig, opts: Optional[dict] = None) -> Optional[dict]:
+def profile_rank(rank: int, world_size: int, cfg: BlockConfig, opts: Optional[dict] = None) -> Optional[dict]:
     """Everything one rank does for ``profile``. Needs the process group initialised (any launcher)."""
     opts = opts or {}
-    device = _device()
+    device = job_device()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (cfg.verbose and rank == 0) else None
     mask = resolve_mask(cfg.mask)
-    block = TPAttention(cfg.hidden, cfg.heads, cfg.kv_heads, tiles=cfg.tiles, dtype=DTYPES[cfg.dtype],
-                        device=device, rope_theta=cfg.rope_theta, backend=cfg.backend, link=cfg.link())
-    weights, x = make_inputs(cfg, device)
-    block.load_full_weights(*weights)
+    block, x, _ = build_block(cfg, device)
     plan = block.plan_for(cfg.batch, cfg.seq, mask)
     if log:
         log(f"[profile] {world_size} ranks, {cfg.describe()}")

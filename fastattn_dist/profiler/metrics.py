@@ -214,7 +214,8 @@ def compute_metrics(spans: Sequence[Span], world_size: Optional[int] = None,
 
 
 # -- tables ----------------------------------------------------------------------------------------
-def _table(rows: List[Tuple[str, ...]]) -> str:
+def format_table(rows: List[Tuple[str, ...]]) -> str:
+    """Rows of strings as aligned columns (the first left-aligned), a rule under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -230,7 +231,7 @@ def format_runs(metrics: dict) -> str:
     for run, m in metrics["runs"].items():
         rows.append((run, str(m["tiles"]), f"{m['block_ms']:.3f}", f"{m['compute_ms']:.3f}", f"{m['comm_ms']:.3f}",
                      f"{m['exposed_comm_ms']:.3f}", _pct(m["overlap_fraction"]), f"{m['bubble_ms']:.3f}"))
-    return _table(rows)
+    return format_table(rows)
 
 
 def format_tiles(run: dict) -> str:
@@ -238,4 +239,4 @@ def format_tiles(run: dict) -> str:
     for t in run["per_tile"]:
         rows.append((str(t["tile"]), f"{t['attention_ms']:.3f}", f"{t['o_proj_ms']:.3f}", f"{t['comm_ms']:.3f}",
                      f"{t['exposed_comm_ms']:.3f}", f"{t['queued_ms']:.3f}", f"{t['bytes'] / 1024:.0f}"))
-    return _table(rows)
+    return format_table(rows)

@@ -11,6 +11,7 @@ touches torch.profiler.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
@@ -18,6 +19,13 @@ from typing import List, Optional
 import torch
 
 COMPUTE, COMM, BLOCK = "compute", "comm", "block"
+_OFF = contextlib.nullcontext()
+
+
+def span(recorder: Optional["SpanRecorder"], name: str, tile: int = -1, lane: str = COMPUTE):
+    """``with span(rec, "attention", i): ...`` records a span when ``rec`` is a recorder; with ``None``
+    (profiling off) it is one shared no-op context: no events, no clocks, no allocation."""
+    return _OFF if recorder is None else recorder.span(name, tile, lane)
 
 
 @dataclass
@@ -64,6 +72,14 @@ class SpanRecorder:
         self._base_time = None
 
     # -- reports from the block -------------------------------------------
+    @contextlib.contextmanager
+    def span(self, name: str, tile: int = -1, lane: str = COMPUTE):
+        token = self.begin(name, tile, lane)
+        try:
+            yield
+        finally:
+            self.end(token)
+
     def begin(self, name: str, tile: int = -1, lane: str = COMPUTE):
         if self.cuda:
             self._ensure_base()  # before the first event: its sync must not fall inside a span

@@ -1,47 +1,24 @@
-"""``fastattn-dist profile``: record the block on every rank, write trace.json, timeline.png, metrics.json.
+"""``fastattn-dist profile``'s output: the files (trace.json, timeline.png, metrics.json) and the printed report.
 
-Loaded by ``fastattn_dist.cli`` (its ``_EXTRA_COMMANDS`` hook calls ``register``). The output
-directory is checked before any rank starts; the files are rendered in memory from validated
-metrics and only then written (temporary names, then renamed), so a failed run leaves no
-half-written or stale-looking set behind.
+The files are rendered in memory from validated metrics and only then written (temporary names, then
+renamed), so a failed run leaves no half-written or stale-looking set behind.
 """
 from __future__ import annotations
 
 import os
 from typing import Dict, List, Tuple
 
-from ..cli import add_block_options, config_from_args, run_job
-from .export import check_writable, chrome_trace, dumps, write_outputs
+from .export import chrome_trace, dumps
 from .gather import Profile
 from .metrics import compute_metrics, format_runs, format_tiles
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("profile", help="record when each tile computed and communicated: Chrome trace, "
-                                              "PNG timeline, overlap metrics")
-    add_block_options(p)
-    g = p.add_argument_group("profile")
-    g.add_argument("--out", default="profile_out", help="output directory (default ./profile_out)")
-    g.add_argument("--compare", action="store_true",
-                   help="put the sequential block (1 tile) beside the tiled one in the trace and the PNG")
-    g.add_argument("--torch-profiler", action="store_true",
-                   help="also run one tiled call under torch.profiler, our spans as record_function ranges "
-                        "(torch_trace_rank<N>.json per rank)")
-    p.set_defaults(func=cmd_profile)
-
-
-def _launch_rank() -> int:
-    """This process's global rank as the launcher set it (0 when spawning locally)."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "") != "":
-            return int(os.environ[name])
-    return 0
-
 
 def title_for(prof: Profile, metrics: dict) -> str:
     meta = prof.meta
     runs = metrics["runs"]
     head = f"TP attention, {prof.world_size} ranks ({prof.backend}, {meta.get('device', '?')}): {meta.get('describe', '')}"
-    if "speedup" in metrics:
+    if prof.world_size == 1:
+        tail = "one rank: no comm to hide, " + ", ".join(f"{r} {m['block_ms']:.2f} ms" for r, m in runs.items())
+    elif "speedup" in metrics:
         tail = (f"tiled ({runs['tiled']['tiles']} tiles) {runs['tiled']['block_ms']:.2f} ms vs sequential "
                 f"{runs['sequential']['block_ms']:.2f} ms: speedup {metrics['speedup']:.2f}x")
     else:
@@ -56,6 +33,9 @@ def render(prof: Profile, compare: bool, config: dict) -> Tuple[Dict[str, bytes]
     metrics.json and the printed report say so.
     """
     metrics = compute_metrics(prof.spans, prof.world_size)
+    if prof.world_size == 1:  # two runs of the same work: their ratio is noise, not a speedup
+        metrics.pop("speedup", None)
+        metrics["note"] = "no comm at world size 1: tiling has nothing to hide"
     shown: List[str] = [r for r in prof.runs() if compare or r == "tiled"] or prof.runs()
     title = title_for(prof, metrics)
     try:
@@ -74,26 +54,12 @@ def render(prof: Profile, compare: bool, config: dict) -> Tuple[Dict[str, bytes]
     return files, summary
 
 
-def cmd_profile(args) -> int:
-    from dataclasses import asdict
-
-    from .job import profile_rank
-
-    cfg = config_from_args(args)
-    # Fail on a bad --out before any rank starts (only where the files will be written).
-    out = check_writable(args.out) if _launch_rank() == 0 else os.path.abspath(args.out)
-    opts = {"out": out, "torch_profiler": args.torch_profiler}
-    result = run_job(profile_rank, args, cfg, (opts,))
-    if result is None:  # not rank 0 under a launcher
-        return 0
-    prof: Profile = result["profile"]
-    config = {k: v for k, v in asdict(cfg).items() if k != "extra"}
-    files, summary = render(prof, args.compare, config)
-    paths = write_outputs(out, files)
+def print_report(prof: Profile, summary: dict, files: Dict[str, bytes], paths: List[str], describe: str,
+                 tiles, repeats: int, torch_trace: bool, out: str) -> None:
     print(f"fastattn-dist profile: {prof.world_size} ranks ({prof.backend}, {prof.meta.get('device')}), "
           f"attention backend {prof.meta.get('attention_backend')}")
-    print(f"  {cfg.describe()}")
-    print(f"  tile plan ({cfg.tiles}): {prof.meta.get('num_tiles')} tiles over rows {prof.meta.get('plan')}")
+    print(f"  {describe}")
+    print(f"  tile plan ({tiles}): {prof.meta.get('num_tiles')} tiles over rows {prof.meta.get('plan')}")
     for c in prof.clocks[1:]:
         print(f"  clock of rank {c.rank} vs rank 0: {c.offset_us:+.1f} us (error <= {c.error_us:.1f} us)")
     print()
@@ -105,11 +71,12 @@ def cmd_profile(args) -> int:
         print(format_tiles(tiled))
     print()
     if "speedup" in summary:
-        print(f"speedup {summary['speedup']:.2f}x (sequential / tiled block time, median of {cfg.repeats} "
+        print(f"speedup {summary['speedup']:.2f}x (sequential / tiled block time, median of {repeats} "
               f"recorded iterations)")
+    elif "note" in summary:
+        print(summary["note"])
     print("wrote " + ", ".join(paths))
     if "timeline.png" not in files:
         print(f"timeline.png {summary['timeline_png']}")
-    if result.get("torch_trace"):
+    if torch_trace:
         print(f"torch.profiler traces: {os.path.join(out, 'torch_trace_rank<N>.json')}")
-    return 0

@@ -1,0 +1,218 @@
+"""A modelled all-reduce on one GPU: the comm stand-in for emulating one rank of a TP group.
+
+The GPU twin of the CPU ``LinkModel``. Multi-GPU machines are not always at hand, so one rank of a
+TP=N group can be emulated on one GPU: the block runs with that rank's shape, and each tile's
+all-reduce is replaced by work on the comm stream that lasts what the modelled all-reduce would,
+
+    seconds = latency + 2 (N - 1) / N * bytes / bandwidth        (ring all-reduce, nccl-tests' bus bytes)
+
+and holds what the real path holds:
+
+* ``path="nccl"``: a kernel of ``ctas`` CTAs (NCCL's channels, ``threads`` threads each) that
+  reads and writes the tile's bus bytes in device memory and stays resident until the modelled
+  time has passed since it started. Fewer CTAs than ``full_bw_ctas`` get proportionally less
+  bandwidth (each channel moves a share), so squeezing NCCL onto few SMs costs comm time.
+* ``path="copy_engine"``: copy-engine copies of the bus bytes (no SMs) beside a one-warp timer
+  kernel that ends when the modelled time has passed.
+
+It is a model, not a measurement: the latency and bandwidth defaults are least-squares fits to
+NCCL all-reduces of 16-512 MB measured on H200 NVLink nodes (TP=2 and TP=4, 2026-11-22; TP=8 was
+not measured and reuses the TP=4 fit); docs/gpu_emulation.md says how, and a multi-GPU run replaces
+them by measurement. The data is not reduced: an emulated rank keeps its own partial sums.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from .comm import CommHandle, comm_stream
+
+# Least-squares fits of t = latency + bus_bytes / bandwidth to the all-reduce times of [S, hidden]
+# bf16 outputs (S = 2K..32K, hidden 4096/8192) measured with NCCL on H200 x2 / x4 over NVLink.
+# The intercept is larger than NCCL's small-message latency: it also holds the bandwidth ramp of
+# messages in this size range, the range a tile's all-reduce falls in.
+MEASURED_FITS = {2: (78.0, 310.0), 4: (131.0, 347.0)}
+PATHS = ("nccl", "copy_engine")
+
+
+@dataclass(frozen=True)
+class GpuLinkModel:
+    """How long a modelled all-reduce takes and what it holds while it runs (see the module docstring)."""
+
+    latency_us: float
+    bus_gbps: float
+    path: str = "nccl"
+    ctas: int = 16             # NCCL ring channels on Hopper NVLink nodes (one CTA each)
+    threads: int = 512         # NCCL's threads per CTA for the simple protocol
+    full_bw_ctas: int = 16     # the CTA count at which the modelled bandwidth is reached
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency_us) and self.latency_us >= 0):
+            raise ValueError(f"stand-in latency must be a finite number >= 0 us, got {self.latency_us}")
+        if not (math.isfinite(self.bus_gbps) and self.bus_gbps > 0):
+            raise ValueError(f"stand-in bandwidth must be a finite number > 0 GB/s, got {self.bus_gbps}")
+        if self.path not in PATHS:
+            raise ValueError(f"stand-in path must be one of {PATHS}, got {self.path!r}")
+        for name in ("ctas", "threads", "full_bw_ctas"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"stand-in {name} must be an int >= 1, got {v!r}")
+        if self.threads % 32 or self.threads > 1024:
+            raise ValueError(f"stand-in threads must be a multiple of 32 up to 1024, got {self.threads}")
+
+    @classmethod
+    def for_world_size(cls, world_size: int, **overrides) -> "GpuLinkModel":
+        """The defaults for a TP group of ``world_size`` (fits above; TP=8 and larger reuse TP=4's)."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
+            raise ValueError(f"an emulated TP group needs a world size >= 2, got {world_size!r}")
+        lat, bw = MEASURED_FITS[2] if world_size == 2 else MEASURED_FITS[4]
+        return replace(cls(lat, bw), **overrides)
+
+    @property
+    def effective_gbps(self) -> float:
+        if self.path == "copy_engine":
+            return self.bus_gbps
+        return self.bus_gbps * min(1.0, self.ctas / self.full_bw_ctas)
+
+    def bus_bytes(self, nbytes: int, world_size: int) -> int:
+        return int(2 * (world_size - 1) * nbytes // world_size)
+
+    def allreduce_seconds(self, nbytes: int, world_size: int) -> float:
+        """The modelled time of one all-reduce of ``nbytes`` per rank over ``world_size`` ranks."""
+        if world_size <= 1 or nbytes <= 0:
+            return 0.0
+        return self.latency_us * 1e-6 + self.bus_bytes(nbytes, world_size) / (self.effective_gbps * 1e9)
+
+    def describe(self) -> str:
+        what = f"{self.ctas} CTAs x {self.threads} threads" if self.path == "nccl" else "copy engines, no SMs"
+        return f"{self.path} stand-in: {self.latency_us:g} us + {self.bus_gbps:g} GB/s bus ({what})"
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernels (Triton; imported lazily so CPU-only installs never need them).
+# ------------------------------------------------------------------------------------------------
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        import triton
+        import triton.language as tl
+        from triton.language.extra.cuda import globaltimer
+
+        @triton.jit(do_not_specialize=["n_words", "bus_words", "duration_ns"])
+        def hold(src, dst, n_words, bus_words, duration_ns, trace, BLOCK: tl.constexpr, TRACE: tl.constexpr):
+            # Each CTA: move its share of the bus bytes (src -> dst, wrapping over the tile's words),
+            # then stay resident until ``duration_ns`` has passed since it started.
+            t0 = globaltimer()
+            pid = tl.program_id(0)
+            step = tl.num_programs(0) * BLOCK
+            offs = tl.arange(0, BLOCK)
+            for start in range(pid * BLOCK, bus_words, step):
+                idx = (start + offs) % n_words
+                ok = start + offs < bus_words
+                tl.store(dst + idx, tl.load(src + idx, mask=ok), mask=ok)
+            t1 = globaltimer()
+            while globaltimer() - t0 < duration_ns:
+                pass
+            if TRACE:  # when this CTA started, finished its copy, and left (ns, GPU clock)
+                tl.store(trace + pid * 3, t0)
+                tl.store(trace + pid * 3 + 1, t1)
+                tl.store(trace + pid * 3 + 2, globaltimer())
+
+        _KERNELS = hold
+    return _KERNELS
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A flat view of ``t``'s bytes in the widest word that divides them."""
+    flat = t.reshape(-1).view(torch.uint8)
+    for dt, size in ((torch.int32, 4), (torch.int16, 2)):
+        if flat.numel() % size == 0 and flat.data_ptr() % size == 0:
+            return flat.view(dt)
+    return flat
+
+
+class StandInAllReduce:
+    """The comm interface of comm.py (prepare / start / wait / wait_all) with modelled all-reduces.
+
+    ``world_size`` is the emulated group's; this process is its rank 0. Each ``start`` issues the
+    stand-in on the comm stream (high priority, as our NCCL comm stream) after the compute that
+    produced the tile; ``wait_all`` orders the caller's stream after all of them. CUDA-graph safe.
+    """
+
+    def __init__(self, world_size: int, model: Optional[GpuLinkModel] = None, device: Optional[torch.device] = None) -> None:
+        self.model = model if model is not None else GpuLinkModel.for_world_size(world_size)
+        self.world_size = world_size
+        self.rank = 0
+        self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if self.device.type != "cuda":
+            raise ValueError("the GPU comm stand-in needs a CUDA device; CPU ranks use LinkModel")
+        self._stream = comm_stream(self.device)
+        self._ce_stream = comm_stream(self.device)
+        self._timing = False
+        self.trace: Optional[torch.Tensor] = None  # int64 [ctas * 3]: per-CTA start, copy end, exit (diagnostics)
+
+    @property
+    def sm_fraction(self) -> float:
+        """The share of SMs the modelled collective holds while it runs (cost model)."""
+        if self.model.path != "nccl":
+            return 0.0
+        return self.model.ctas / torch.cuda.get_device_properties(self.device).multi_processor_count
+
+    def enable_timing(self, on: bool = True) -> None:
+        self._timing = on
+
+    def prepare(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def issue(self, piece: torch.Tensor) -> None:
+        """Enqueue one modelled all-reduce of ``piece`` on the current stream (the caller picks it)."""
+        m = self.model
+        seconds = m.allreduce_seconds(piece.numel() * piece.element_size(), self.world_size)
+        src = _words(piece)
+        dst = torch.empty_like(src)  # per call: a captured graph owns its own (graph memory pool)
+        bus_words = m.bus_bytes(src.numel(), self.world_size)
+        hold = _kernels()
+        if m.path == "nccl":
+            hold[(m.ctas,)](src, dst, src.numel(), bus_words, int(seconds * 1e9), self.trace, BLOCK=16 * m.threads,
+                            TRACE=self.trace is not None, num_warps=m.threads // 32)
+            return
+        # copy engines move the bytes (no SMs); one warp marks when the modelled time is up
+        cur = torch.cuda.current_stream(self.device)
+        self._ce_stream.wait_stream(cur)
+        with torch.cuda.stream(self._ce_stream):
+            left = bus_words
+            while left > 0:
+                n = min(left, src.numel())
+                dst[:n].copy_(src[:n], non_blocking=True)
+                left -= n
+        hold[(1,)](src, dst, src.numel(), 0, int(seconds * 1e9), self.trace, BLOCK=32, TRACE=self.trace is not None,
+                   num_warps=1)
+        cur.wait_stream(self._ce_stream)
+
+    def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
+        h = CommHandle(tile, piece.numel() * piece.element_size())
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            if self._timing:
+                h.start_event = torch.cuda.Event(enable_timing=True)
+                h.start_event.record()
+            self.issue(piece)
+            if self._timing:
+                h.end_event = torch.cuda.Event(enable_timing=True)
+                h.end_event.record()
+            h.done = torch.cuda.Event()
+            h.done.record()
+        piece.record_stream(self._stream)
+        return h
+
+    def wait(self, handle: CommHandle) -> None:
+        torch.cuda.current_stream(self.device).wait_event(handle.done)
+
+    def wait_all(self, handles) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)

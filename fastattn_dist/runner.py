@@ -1,0 +1,175 @@
+"""Running a job on every rank: spawn local ranks or join a launcher's group, then the few collectives
+every job needs (the device, a barrier, the max over ranks, a timer, a check that ranks agree).
+
+Used by every subcommand (demo, profile, bench, tune, generate); no job launches ranks any other way.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .parallel.process_group import DEFAULT_TIMEOUT_S, detect_launcher, init_distributed, shutdown
+from .parallel.spawn import spawn_ranks
+
+
+@dataclass
+class Launch:
+    """How to get ranks: ``launcher`` auto (join torchrun/mpirun/Slurm if detected, else spawn), spawn or env."""
+
+    world_size: int = 2
+    launcher: str = "auto"
+    dist_backend: Optional[str] = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.launcher not in ("auto", "spawn", "env"):
+            raise ValueError(f"launcher must be auto, spawn or env, got {self.launcher!r}")
+        if self.dist_backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"dist backend must be gloo or nccl, got {self.dist_backend!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout must be > 0 s, got {self.timeout_s}")
+        if self.dist_backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("--dist-backend nccl needs CUDA GPUs, and none is visible; use gloo on CPU")
+
+    @property
+    def mode(self) -> str:
+        if self.launcher != "auto":
+            return self.launcher
+        return "env" if detect_launcher() != "none" else "spawn"
+
+    def device_type(self) -> str:
+        """Where the ranks will compute: cuda with NCCL (explicit, or the default under a launcher with GPUs)."""
+        if self.dist_backend == "nccl":
+            return "cuda"
+        if self.dist_backend == "gloo" or self.mode == "spawn":
+            return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 when spawning locally), before any rendezvous."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return 0
+
+
+def job_device() -> torch.device:
+    """This rank's device: its GPU under NCCL (init_distributed set it), else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def barrier(device: torch.device) -> None:
+    """All ranks got here, and this rank's device work queued so far is done."""
+    sync(device)
+    if world() > 1:
+        dist.barrier()
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    if world() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+            progress: Optional[Callable[[int, int, float], None]] = None) -> list:
+    """Per-repeat times of ``fn`` in ms (CUDA events on GPUs, the host clock on CPU), each the max over
+    ranks (the work is done when the slowest rank is); ranks start each repeat together.
+    ``progress(i, repeats, ms)`` is called after each repeat."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for i in range(repeats):
+        barrier(device)
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        times.append(max_over_ranks(ms, device))
+        if progress is not None:
+            progress(i + 1, repeats, times[-1])
+    return times
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    return statistics.median(time_ms(fn, device, repeats, warmup))
+
+
+def check_same_on_all_ranks(facts: dict, group=None, what: str = "the input") -> None:
+    """Raise ValueError on every rank, naming the ranks, unless all ranks passed equal ``facts``."""
+    n = dist.get_world_size(group)
+    gathered: list = [None] * n
+    dist.all_gather_object(gathered, facts, group=group)
+    differ = [r for r in range(n) if gathered[r] != gathered[0]]
+    if differ:
+        keys = sorted({k for r in differ for k in facts if gathered[r].get(k) != gathered[0].get(k)})
+        detail = "; ".join(f"rank {r}: " + ", ".join(f"{k}={gathered[r].get(k)}" for k in keys) for r in [0] + differ)
+        raise ValueError(f"ranks disagree on {what} ({', '.join(keys)}): {detail}")
+
+
+def _share_cpu_cores() -> None:
+    """CPU ranks of one node split its cores, unless the user set OMP_NUM_THREADS (torchrun does)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = next((int(os.environ[n]) for n in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                                "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE") if n in os.environ), 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def run_job(job: Callable, launch: Launch, job_args: Sequence[Any] = (),
+            check_world: Optional[Callable[[int], None]] = None, label: str = "fastattn-dist"):
+    """Run ``job(rank, world_size, *job_args)`` on every rank; return rank 0's result (None on other ranks).
+
+    ``check_world(world_size)`` validates what depends on the world size before any job runs: before the
+    ranks are spawned, or, under a launcher, on every rank once the world size is known.
+    """
+    if launch.mode == "spawn":
+        backend = launch.dist_backend or "gloo"
+        if check_world is not None:
+            check_world(launch.world_size)
+        cores = os.cpu_count() or 1
+        if backend == "gloo" and launch.world_size > cores:
+            # each simulated device needs its own core: shared cores slow compute and gloo's threads alike,
+            # and tiles="auto" (which assumes one core per rank) then over-tiles
+            print(f"[{label}] note: {launch.world_size} CPU ranks on {cores} cores: the simulated devices share "
+                  "cores, so timings and tiles='auto' do not model separate devices", file=sys.stderr, flush=True)
+        results = spawn_ranks(job, launch.world_size, tuple(job_args), backend=backend, timeout_s=launch.timeout_s)
+        return results[0]
+    ctx = init_distributed(launch.dist_backend, timeout_s=launch.timeout_s)
+    if ctx.backend == "gloo":
+        _share_cpu_cores()
+    try:
+        if check_world is not None:
+            check_world(ctx.world_size)
+        res = job(ctx.rank, ctx.world_size, *job_args)
+        return res if ctx.rank == 0 else None
+    finally:
+        shutdown()

@@ -1,0 +1,166 @@
+"""``fastattn-dist tune``: measure what tiles cost on this GPU and store it where ``tiles="auto"`` reads it.
+
+For each shape, the block runs with comm off (``NoComm``: compute alone, one rank's shape of the TP
+group) under CUDA-graph replay, once per candidate plan (for 1..max tiles, the plan the cost model
+would use with that count); each plan's median compute time, the max over ranks, goes into a JSON
+file (``--out``, default ``$FASTATTN_TUNED_PROFILE`` or ``~/.cache/fastattn_dist/tuned.json``). The
+cost model then simulates those plans with their measured times and the comm model (tuning.py), so a
+plan whose measured tile tax exceeds the comm it hides is not chosen.
+
+Every rank computes the same plan only if every rank reads the same file: keep it on a shared file
+system or copy it to every node (the CLI's cross-rank check names ranks whose plans differ).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, Optional
+
+import torch
+
+from .masks import Mask
+from .tuning import BlockCost, MeasuredPlans
+
+ENV = "FASTATTN_TUNED_PROFILE"
+_CACHE: Dict[str, dict] = {}
+
+
+def profile_path() -> str:
+    return os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastattn_dist", "tuned.json")
+
+
+def shape_key(device: torch.device, cost: BlockCost, mask: Mask) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    causal, window, padded = mask.structure()
+    return (f"{name}|{cost.elem_bytes}B|b{cost.batch}|s{cost.seq}|h{cost.hidden}|hl{cost.local_heads}|"
+            f"d{cost.head_dim}|tp{cost.world_size}|causal{int(causal)}|w{window or 0}|pad{int(padded)}")
+
+
+def _load(path: str) -> dict:
+    try:
+        mtime = os.path.getmtime(path)
+    except OSError:
+        return {}
+    hit = _CACHE.get(path)
+    if hit is not None and hit["mtime"] == mtime:
+        return hit["entries"]
+    try:
+        with open(path) as f:
+            entries = json.load(f).get("entries", {})
+    except (OSError, ValueError):
+        entries = {}
+    _CACHE[path] = {"mtime": mtime, "entries": entries}
+    return entries
+
+
+def lookup(device: torch.device, cost: BlockCost, mask: Mask) -> Optional[MeasuredPlans]:
+    """The measured plans for this exact shape, or None (then the built-in profile decides)."""
+    if device.type != "cuda":
+        return None
+    e = _load(profile_path()).get(shape_key(device, cost, mask))
+    if not e:
+        return None
+    return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3) for p in e["plans"]])
+
+
+def store(path: str, entries: Dict[str, dict]) -> None:
+    """Merge ``entries`` into the profile file (atomic replace; a clear error if it cannot be written)."""
+    current = dict(_load(path))
+    current.update(entries)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tuned-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"entries": current}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f"could not write the tuned profile {path}: {e.strerror or e}") from None
+    _CACHE.pop(path, None)
+
+
+def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
+    """Every rank times the candidate plans of each shape (compute alone); rank 0 returns the entries."""
+    from .block import TPAttention
+    from .config import TilePlanOptions
+    from .masks import Causal
+    from .parallel.comm import NoComm
+    from .runner import job_device, median_ms
+    from .tuning import plans_to_time, profile_for
+
+    device = job_device()
+    tp = opts["emulate_tp"] or world
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[opts["dtype"]]
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    entries = {}
+    for hidden, heads, batch, seq in opts["grid"]:
+        kv = opts.get("kv_heads") or heads
+        blk = TPAttention(hidden, heads, kv, dtype=dtype, device=device, comm=NoComm(tp, rank % tp),
+                          cuda_graph=device.type == "cuda")
+        D = hidden // heads
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(batch, seq, heads // tp, D, generator=g).to(device, dtype)
+        k = torch.randn(batch, seq, kv // tp, D, generator=g).to(device, dtype)
+        v = torch.randn(batch, seq, kv // tp, D, generator=g).to(device, dtype)
+        cost = BlockCost(batch, seq, hidden, heads // tp, D, tp, q.element_size())
+        mask = Causal()
+        plans = plans_to_time(cost, mask, profile_for(device), TilePlanOptions(), counts=range(1, opts["max_tiles"] + 1))
+        timed = []
+        for n, plan in plans.items():
+            ms = median_ms(lambda: blk.attend(q, k, v, mask, tiles=plan), device, opts["repeats"], opts["warmup"])
+            timed.append({"tiles": n, "bounds": list(plan.bounds), "compute_ms": ms})
+        t1 = timed[0]["compute_ms"]
+        log(f"[tune] TP={tp} hidden {hidden} B{batch} S{seq}: compute " +
+            ", ".join(f"t={p['tiles']} {p['compute_ms']:.3f} ms (x{p['compute_ms'] / t1:.3f})" for p in timed))
+        entries[shape_key(device, cost, mask)] = {"plans": timed}
+        del blk, q, k, v
+    return entries if rank == 0 else None
+
+
+def add_parser(sub) -> None:
+    from .cli import add_rank_options, nonneg_int, positive_int
+
+    p = sub.add_parser("tune", help="measure what tiles cost on this GPU and store it for tiles='auto'")
+    add_rank_options(p, world_default=1, timeout_default=300.0)
+    g = p.add_argument_group("shapes (causal; one rank's shape of the TP group)")
+    g.add_argument("--emulate-tp", type=positive_int, default=None,
+                   help="time one rank's shape of a TP=N group on this one GPU (default: the launcher's world size)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[4096, 8192], help="hidden sizes")
+    g.add_argument("--heads", type=positive_int, nargs="+", default=None,
+                   help="heads per hidden size (default hidden / 128)")
+    g.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads (default: as many as heads)")
+    g.add_argument("--seq", type=positive_int, nargs="+", default=[2048, 8192, 32768], help="sequence lengths")
+    g.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    g.add_argument("--max-tiles", type=positive_int, default=4, help="time plans of 1..N tiles (default 4)")
+    g.add_argument("--repeats", type=positive_int, default=20)
+    g.add_argument("--warmup", type=nonneg_int, default=3)
+    g.add_argument("--out", default=None, help=f"profile file (default ${ENV} or ~/.cache/fastattn_dist/tuned.json)")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from .cli import launch_from_args
+    from .runner import run_job
+
+    launch = launch_from_args(args)
+    if launch.device_type() != "cuda":
+        raise ValueError("tune measures a GPU: run it on a machine with CUDA GPUs (under torchrun, or with "
+                         "--emulate-tp N on one GPU)")
+    heads = args.heads or [h // 128 for h in args.hidden]
+    if len(heads) != len(args.hidden):
+        raise ValueError("--heads needs one value per --hidden value")
+    grid = [(h, n, b, s) for h, n in zip(args.hidden, heads) for b in args.batch for s in args.seq]
+    if args.emulate_tp:
+        launch.world_size, launch.dist_backend = 1, "nccl"
+    opts = {"grid": grid, "emulate_tp": args.emulate_tp, "dtype": args.dtype, "kv_heads": args.kv_heads,
+            "max_tiles": args.max_tiles, "repeats": args.repeats, "warmup": args.warmup}
+    path = args.out or profile_path()
+    entries = run_job(tune_rank, launch, (opts,), label="tune")
+    if entries is None:
+        return 0
+    store(path, entries)
+    print(f"fastattn-dist tune: {len(entries)} shapes written to {path}")
+    return 0

@@ -1,0 +1,118 @@
+"""The block workload the demo, the profiler and tune run: its configuration and its inputs.
+
+``BlockConfig.validate`` catches every bad value before a rank starts (the CLI's one-line errors);
+``make_inputs`` builds the same full weights and input on every rank from a fixed seed, so each rank
+keeps its shard and rank 0 can compute the float64 reference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .attention import available
+from .block import check_tiles
+from .config import LinkModel
+from .masks import resolve_mask
+from .parallel.sharding import TPShape
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[name]
+
+
+@dataclass
+class BlockConfig:
+    world_size: int = 2
+    batch: int = 1
+    seq: int = 1024
+    hidden: int = 1024
+    heads: int = 16
+    kv_heads: int = 4
+    tiles: object = "auto"
+    mask: str = "causal"
+    dtype: str = "float32"
+    attn_backend: str = "auto"
+    # Default link: the CPU computes roughly 5000x slower than an H200, so NVLink's ~250 GB/s is scaled
+    # down alike; comm then costs about what attention + o_proj cost, as measured on H200s (docs/tiling.md).
+    link_latency_us: float = 50.0
+    link_gbps: Optional[float] = 0.08
+    rope_theta: Optional[float] = 10000.0
+    warmup: int = 1
+    repeats: int = 5
+    seed: int = 0
+    check: bool = True
+    check_inputs: bool = True
+    verbose: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, device_type: str = "cpu") -> None:
+        """Every value, as the ranks would check it, so a bad one fails once, before any rank starts."""
+        for name in ("world_size", "batch", "seq", "hidden", "heads", "kv_heads", "repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be an int >= 1, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        self.tiles = check_tiles(self.tiles)
+        resolve_mask(self.mask).validate(self.batch, self.seq)
+        parse_dtype(self.dtype)
+        why = available(self.attn_backend, torch.device(device_type))
+        if why:
+            raise ValueError(why)
+        if self.rope_theta is not None and not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope theta must be a finite number > 0, got {self.rope_theta}")
+        self.link()  # validates latency and bandwidth
+        self.check_shape(self.world_size)
+
+    def check_shape(self, world_size: int) -> None:
+        """Shape errors (the same ValueError every rank would raise)."""
+        self.world_size = world_size
+        shape = TPShape.checked(self.hidden, self.heads, self.kv_heads, world_size, 0)
+        if self.rope_theta is not None and shape.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {shape.head_dim} "
+                             f"(hidden {self.hidden} / {self.heads} heads); use --no-rope or another shape")
+
+    def link(self) -> Optional[LinkModel]:
+        if not self.link_latency_us and self.link_gbps is None:
+            return None
+        return LinkModel(self.link_latency_us or 0.0, self.link_gbps if self.link_gbps is not None else float("inf"))
+
+    def describe(self) -> str:
+        link = self.link()
+        lk = f"link {link.latency_us:g} us + {link.gbps:g} GB/s" if link else "no link model"
+        return (f"batch {self.batch} x seq {self.seq}, hidden {self.hidden}, {self.heads} heads / "
+                f"{self.kv_heads} kv heads, {self.dtype}, mask {self.mask}, {lk}")
+
+
+def make_inputs(cfg: BlockConfig, device: torch.device):
+    """Full weights (nn.Linear layout) and the input, identical on every rank (fixed seed, made on CPU)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    H, D = cfg.hidden, cfg.hidden // cfg.heads
+    scale = H ** -0.5
+    wq = torch.randn(cfg.heads * D, H, generator=g) * scale
+    wk = torch.randn(cfg.kv_heads * D, H, generator=g) * scale
+    wv = torch.randn(cfg.kv_heads * D, H, generator=g) * scale
+    wo = torch.randn(H, cfg.heads * D, generator=g) * scale
+    x = torch.randn(cfg.batch, cfg.seq, H, generator=g)
+    dt = parse_dtype(cfg.dtype)
+    return [w.to(device=device, dtype=dt) for w in (wq, wk, wv, wo)], x.to(device=device, dtype=dt)
+
+
+def build_block(cfg: BlockConfig, device: torch.device):
+    """The block of ``cfg`` on ``device`` with the workload's weights loaded; returns (block, x, full weights)."""
+    from .block import TPAttention
+
+    block = TPAttention(cfg.hidden, cfg.heads, cfg.kv_heads, tiles=cfg.tiles, dtype=parse_dtype(cfg.dtype),
+                        device=device, rope_theta=cfg.rope_theta, backend=cfg.attn_backend, link=cfg.link(),
+                        check_inputs=cfg.check_inputs)
+    weights, x = make_inputs(cfg, device)
+    block.load_full_weights(*weights)
+    return block, x, weights

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Launch a fastattn-dist command under mpirun (needs the 'mpi' extra: mpi4py + an MPI).
-# Rank 0 picks the rendezvous address and port; mpi4py broadcasts them (see parallel/process_group.py).
+# Rank 0 picks the rendezvous address and port (MASTER_ADDR/MASTER_PORT if set); mpi4py broadcasts them
+# (see parallel/process_group.py). A rank that cannot bind, reach rank 0 or meet all its peers within
+# --timeout-s fails, saying so.
 #
 #   one node, 2 ranks:   launch/mpirun.sh demo
 #   one node, 4 ranks:   NP=4 launch/mpirun.sh demo --heads 16 --kv-heads 4

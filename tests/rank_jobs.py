@@ -88,3 +88,27 @@ def link_timing(rank, world, latency_us, gbps, nbytes, tiles):
     hs = [comm.start(b, i) for i, b in enumerate(bufs)]
     comm.wait_all(hs)
     return time.perf_counter() - t0, [b[0].item() for b in bufs]
+
+
+def steady(rank, world, steps, step_s):
+    """Healthy but slow: ``steps`` compute steps of ``step_s`` seconds, an all-reduce after each."""
+    x = torch.randn(64, 64)
+    total = torch.zeros(1)
+    for _ in range(steps):
+        end = time.monotonic() + step_s
+        while time.monotonic() < end:
+            x = torch.tanh(x @ x)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        total += t
+    return total.item()
+
+
+def pid_then_sleep(rank, world, pid_dir, seconds):
+    """Write this rank's pid to ``pid_dir/rank<r>`` (for a test to signal it), then sleep."""
+    tmp = os.path.join(pid_dir, f".rank{rank}")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(pid_dir, f"rank{rank}"))
+    time.sleep(seconds)
+    return rank

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastattn_dist import RankFailedError, spawn_ranks
-from rank_jobs import construct_block, die_on, forward_with, hang_on, raise_on
+from rank_jobs import construct_block, die_on, forward_with, hang_on, pid_then_sleep, raise_on
 
 
 @pytest.mark.parametrize("job,args", [(raise_on, (1,)), (die_on, (1,)), (raise_on, (0,)), (die_on, (2,))],
@@ -20,11 +20,24 @@ def test_failing_rank_is_named(job, args):
 
 
 def test_hung_rank_times_out_and_is_named():
+    # Rank 1 sleeps: alive and heartbeating, so not stuck. Rank 0's all-reduce times out, and the
+    # error names rank 1, which never joined it, not rank 0, which timed out waiting.
     t0 = time.monotonic()
     with pytest.raises(RankFailedError) as info:
-        spawn_ranks(hang_on, 2, (1, 60), timeout_s=3, deadline_s=20)
+        spawn_ranks(hang_on, 2, (1, 60), timeout_s=3)
     assert info.value.rank == 1, str(info.value)
+    assert "still running" in info.value.errors[1][0]
+    assert "imed out" in info.value.errors[0][0], info.value.errors[0]
     assert time.monotonic() - t0 < 25
+
+
+def test_explicit_deadline_bounds_the_run(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        spawn_ranks(pid_then_sleep, 2, (str(tmp_path), 60), timeout_s=30, deadline_s=4)
+    assert sorted(info.value.errors) == [0, 1]
+    assert all("deadline_s=4" in summary for summary, _ in info.value.errors.values()), info.value.errors
+    assert time.monotonic() - t0 < 15
 
 
 BAD_BLOCKS = [

@@ -1,14 +1,23 @@
 """Spawn N local ranks (one process each, gloo on CPU or NCCL on local GPUs) and collect their results.
 
 Used by the CLI (so ``fastattn-dist demo`` needs no launcher) and by the multi-rank tests. It never
-hangs: every rank runs under the process group's collective timeout, and the parent enforces an
-overall deadline. The first rank to fail is named in the error, together with what the others said.
+hangs, and never kills a healthy run for taking long: a stuck collective fails under the process
+group's collective timeout, and a rank whose process stops making progress at all (stopped, or an
+interpreter that no longer runs Python) is caught by its heartbeat. The first rank to fail is named
+in the error, together with what the others said. Ranks die with the parent (even on ``kill -9``),
+ignore Ctrl-C (the parent stops them, so there is one KeyboardInterrupt, not one traceback per rank).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
+import multiprocessing
 import os
 import queue as queue_mod
+import signal
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
@@ -17,9 +26,15 @@ import torch.multiprocessing as mp
 
 from .process_group import DEFAULT_TIMEOUT_S, free_port, init_distributed, shutdown
 
+_HEARTBEAT_S = 0.5
+# Before its first heartbeat a rank is still importing torch, which can take a minute on a busy node.
+_STARTUP_S = 120.0
+# How long to collect the other ranks' errors after the first failure (they fail when a peer goes away).
+_GRACE_S = 3.0
+
 
 class RankFailedError(RuntimeError):
-    """One or more spawned ranks raised, died, or timed out. ``.rank`` is the first to fail."""
+    """One or more spawned ranks raised, died, or got stuck. ``.rank`` is the first to fail."""
 
     def __init__(self, message: str, rank: Optional[int], errors: dict):
         super().__init__(message)
@@ -27,18 +42,22 @@ class RankFailedError(RuntimeError):
         self.errors = errors
 
 
-# A rank whose peer died fails in its next collective with one of these: a consequence, not a cause.
+# A rank whose peer died, hung or never came fails with one of these: a consequence, not a cause.
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-              "Timed out", "timed out", "NCCL communicator was aborted")
+              "Timed out", "timed out", "NCCL communicator was aborted",
+              "did not join within", "could not reach rank 0", "lost rank 0's store")
+_STILL_RUNNING = "still running when the run was aborted"
+_DIED = "without reporting a result"
 
 
 def _root_cause(errors: dict, order: list) -> int:
-    """The rank to blame: one that raised its own error, else one that died silently, else the first."""
+    """The rank to blame: one that raised its own error (or got stuck), else one that died silently
+    or never got as far as its peers (still running), else the first."""
     def rank_of(r):
         summary = errors[r][0]
         if any(m in summary for m in _SECONDARY):
             return 2
-        return 1 if ("without reporting" in summary or "still running" in summary) else 0
+        return 1 if (_DIED in summary or _STILL_RUNNING in summary) else 0
     return min(dict.fromkeys(order), key=lambda r: (rank_of(r), order.index(r)))
 
 
@@ -57,8 +76,45 @@ def _unpack(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+# ---------------------------------------------------------------- in the rank
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this rank when the parent dies, however it dies (Linux)."""
+    # FASTATTN_DIST_NO_PDEATHSIG=1 leaves it to the heartbeat thread's check (to test that fallback).
+    if sys.platform.startswith("linux") and not os.environ.get("FASTATTN_DIST_NO_PDEATHSIG"):
+        try:
+            # PR_SET_PDEATHSIG (1). It fires when the parent *thread* exits: spawn_ranks starts the
+            # ranks from the thread that then waits for them, so that thread outlives them.
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the heartbeat thread's check still applies
+    if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
+        os._exit(1)
+
+
+def _start_heartbeat(rank: int, beats, parent_pid: int) -> None:
+    """A daemon thread that ticks this rank's heartbeat, and exits the rank once the parent is gone
+    (the portable fallback for prctl: the parent's sentinel pipe closes when it dies)."""
+    parent = multiprocessing.parent_process()
+
+    def run():
+        while True:
+            beats[rank] += 1
+            if os.getppid() != parent_pid or (parent is not None and not parent.is_alive()):
+                os._exit(1)
+            time.sleep(_HEARTBEAT_S)
+
+    threading.Thread(target=run, name="fastattn-heartbeat", daemon=True).start()
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, threads: Optional[int],
-            fn: Callable, args: Sequence[Any], results) -> None:
+            fn: Callable, args: Sequence[Any], conn, beats, parent_pid: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start
+    _die_with_parent(parent_pid)
+    _start_heartbeat(rank, beats, parent_pid)
     import torch
 
     if threads:
@@ -69,89 +125,190 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
         init_distributed(backend, rank=rank, world_size=world_size, master_port=port, timeout_s=timeout_s,
                          launcher="spawn")
         out = fn(rank, world_size, *args)
-        results.put(("ok", rank, _pack(out)))
-    except BaseException as e:  # report everything, including KeyboardInterrupt/SystemExit, then die
-        summary = f"{type(e).__name__}: {e}"
-        results.put(("error", rank, (summary, traceback.format_exc())))
-        results.close()
-        results.join_thread()  # flush the message before the hard exit below
+        conn.send(("ok", _pack(out)))
+    except BaseException as e:  # report everything, including SystemExit, then die
+        try:
+            conn.send(("error", (f"{type(e).__name__}: {e}", traceback.format_exc())))
+            conn.close()
+        except OSError:  # the parent is gone: nobody to tell
+            pass
         shutdown()
         os._exit(1)
+    conn.close()
     shutdown()
+
+
+# ---------------------------------------------------------------- in the parent
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Block SIGINT in this thread while starting ranks: they inherit the mask (then ignore SIGINT),
+    so a Ctrl-C during their start-up cannot print a traceback from their imports. Not lost here:
+    a blocked signal stays pending until the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "closed its result pipe"
+    if code < 0:
+        try:
+            return f"process killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"process killed by signal {-code}"
+    return f"process exited with code {code}"
+
+
+def _reap(procs: list, wait_s: float, stuck: set) -> None:
+    """Let finished ranks exit for ``wait_s``, then terminate, then kill whatever is left."""
+    started = [(r, p) for r, p in enumerate(procs) if p.pid is not None]
+    for r, p in started:
+        if r in stuck:  # stopped or wedged: SIGTERM would wait in vain
+            p.kill()
+    end = time.monotonic() + wait_s
+    for _, p in started:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for _, p in started:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + 2.0
+    for _, p in started:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for _, p in started:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def spawn_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), *, backend: str = "gloo",
                 timeout_s: float = DEFAULT_TIMEOUT_S, deadline_s: Optional[float] = None,
-                threads_per_rank: Optional[int] = None) -> list:
+                stall_s: Optional[float] = None, threads_per_rank: Optional[int] = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return their results by rank.
 
-    ``fn`` must be importable (module level). ``timeout_s`` bounds each collective; ``deadline_s``
-    (default ``2 * timeout_s + 60``) bounds the whole run. Raises ``RankFailedError`` naming the
-    first rank that raised or died.
+    ``fn`` must be importable (module level). ``timeout_s`` bounds the rendezvous and each
+    collective. A rank whose process is alive but sends no heartbeat for ``stall_s`` seconds
+    (default ``timeout_s + 30``) is reported as stuck; a rank that is alive and heartbeating is
+    never failed for taking long, unless the caller sets ``deadline_s``, a bound on the whole run
+    (default: none). Raises ``RankFailedError`` naming the first rank that raised, died or got
+    stuck. On KeyboardInterrupt the ranks are killed and the KeyboardInterrupt is re-raised.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    stall_s = timeout_s + 30.0 if stall_s is None else stall_s
+    if stall_s <= 0 or (deadline_s is not None and deadline_s <= 0):
+        raise ValueError(f"stall_s and deadline_s must be > 0, got {stall_s} and {deadline_s}")
     if threads_per_rank is None:
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
-    deadline_s = deadline_s if deadline_s is not None else 2 * timeout_s + 60
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    beats = ctx.RawArray("Q", world_size)  # each rank ticks its own slot
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout_s, threads_per_rank,
-                                                fn, tuple(args), results), daemon=False)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
+    inbox: queue_mod.Queue = queue_mod.Queue()
+    procs, readers = [], []
+    for r in range(world_size):
+        # One pipe per rank: EOF tells the parent the rank is gone, and a rank dying mid-message
+        # cannot block the others' results (as it could on a shared queue).
+        recv, send = ctx.Pipe(duplex=False)
+        procs.append(ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout_s, threads_per_rank,
+                                                       fn, tuple(args), send, beats, os.getpid()), daemon=False))
+        readers.append((recv, send))
     outputs: dict = {}
     errors: dict = {}
+    stuck: set = set()
     first_failed: Optional[int] = None
-    seen_dead: dict = {}  # rank -> when we first saw its process gone without a message
-    end = time.monotonic() + deadline_s
-    grace_end = None
+    grace_end: Optional[float] = None
+    wait_s = 0.5  # how long ranks may take to exit by themselves before they are terminated
 
     def fail(rank: int, payload) -> None:
         nonlocal first_failed, grace_end
         errors[rank] = payload
         if first_failed is None:
             first_failed = rank
-            # Collect the others' errors for a moment (they fail when their peer goes away).
-            grace_end = time.monotonic() + 3.0
+            grace_end = time.monotonic() + _GRACE_S
+
+    def read(rank: int, conn) -> None:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            msg = None  # the rank exited (or was killed) without a word
+        except Exception as e:  # an unreadable result
+            msg = ("error", (f"unreadable result: {type(e).__name__}: {e}", ""))
+        finally:
+            conn.close()
+        inbox.put((rank, msg))
 
     try:
+        if hasattr(signal, "pthread_sigmask"):
+            # Start multiprocessing's resource tracker now: starting it (inside the first p.start())
+            # unblocks SIGINT in this thread, undoing _sigint_blocked for the rank started with it.
+            from multiprocessing import resource_tracker
+            resource_tracker.ensure_running()
+        for r, p in enumerate(procs):
+            with _sigint_blocked():
+                p.start()
+            readers[r][1].close()  # the rank holds the only write end now: its exit means EOF
+            threading.Thread(target=read, args=(r, readers[r][0]), name=f"fastattn-rank{r}-result",
+                             daemon=True).start()
+        start = last_loop = time.monotonic()
+        end = None if deadline_s is None else start + deadline_s
+        last_beat = [0] * world_size
+        last_change = [start] * world_size
         while len(outputs) + len(errors) < world_size:
             now = time.monotonic()
-            if (grace_end is not None and now > grace_end) or now > end:
+            if (grace_end is not None and now > grace_end) or (end is not None and now > end):
                 break
+            if now - last_loop > 2.0:
+                # We did not run for a while (Ctrl-Z, a suspended machine): neither did the ranks,
+                # most likely; do not count that time against their heartbeats.
+                last_change = [t + (now - last_loop) for t in last_change]
+            last_loop = now
             try:
-                kind, rank, payload = results.get(timeout=0.2)
-                (outputs.__setitem__(rank, _unpack(payload)) if kind == "ok" else fail(rank, payload))
+                rank, msg = inbox.get(timeout=0.2)
+                if rank in errors:  # already judged (stuck): keep that verdict
+                    continue
+                if msg is None:
+                    procs[rank].join(timeout=1.0)
+                    fail(rank, (f"{_describe_exit(procs[rank].exitcode)} {_DIED}", ""))
+                elif msg[0] == "ok":
+                    outputs[rank] = _unpack(msg[1])
+                else:
+                    fail(rank, msg[1])
                 continue
             except queue_mod.Empty:
                 pass
-            for r, p in enumerate(procs):
-                if r in outputs or r in errors or p.exitcode is None:
+            now = time.monotonic()
+            for r in range(world_size):
+                if r in outputs or r in errors:
                     continue
-                t0 = seen_dead.setdefault(r, now)
-                if now - t0 > 2.0:  # its message, if any, would have arrived by now
-                    fail(r, (f"process exited with code {p.exitcode} without reporting a result", ""))
+                beat = beats[r]
+                if beat != last_beat[r]:
+                    last_beat[r], last_change[r] = beat, now
+                    continue
+                silent = now - last_change[r]
+                if silent > (stall_s if beat else max(stall_s, _STARTUP_S)) and procs[r].is_alive():
+                    stuck.add(r)
+                    fail(r, (f"stuck: its process is alive but sent no heartbeat for {silent:.0f} s "
+                             "(stopped, or its interpreter no longer runs?)", ""))
         missing = [r for r in range(world_size) if r not in outputs and r not in errors]
-        if missing and first_failed is None:
+        if missing and first_failed is None:  # only the caller's deadline ends a run nobody failed
             for r in missing:
-                fail(r, (f"no result within the {deadline_s:.0f} s deadline (hung or stuck?)", ""))
+                fail(r, (f"no result within the run's deadline_s={deadline_s:g} s", ""))
         else:
             for r in missing:
-                errors[r] = ("still running when the run was aborted", "")
+                errors[r] = (_STILL_RUNNING, "")
+        if not errors:
+            wait_s = 10.0  # all reported: they are tearing down their process groups
+    except KeyboardInterrupt:
+        wait_s = 0.0  # ranks ignore SIGINT: stop them now, then let the caller see the interrupt
+        raise
     finally:
-        for p in procs:
-            p.join(timeout=0.5 if errors else 10)
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _reap(procs, wait_s, stuck)  # the readers then see EOF and end
     if errors:
         first_failed = _root_cause(errors, order=[first_failed] + sorted(errors))
         summary, tb = errors[first_failed]

@@ -11,7 +11,7 @@ from .attention import attention
 from .block import TPAttention
 from .config import LinkModel, TilePlanOptions
 from .masks import Causal, KeyPadding, Mask, NoMask, SlidingWindow
-from .parallel.process_group import DistContext, init_distributed, shutdown
+from .parallel.process_group import DistContext, RendezvousError, init_distributed, shutdown
 from .parallel.spawn import RankFailedError, spawn_ranks
 from .parallel.tiling_allreduce import TilePlan
 
@@ -19,4 +19,4 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "TPAttention", "LinkModel", "TilePlanOptions", "Causal", "KeyPadding", "Mask",
            "NoMask", "SlidingWindow", "DistContext", "init_distributed", "shutdown", "spawn_ranks",
-           "RankFailedError", "TilePlan", "__version__"]
+           "RankFailedError", "RendezvousError", "TilePlan", "__version__"]

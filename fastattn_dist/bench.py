@@ -135,20 +135,27 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, batch: int, seq: int, ti
     r["baseline_ms"] = r["baseline_nccl_ms"]
 
     # -- ours --------------------------------------------------------------------------------------------
-    def block_for(comm) -> TPAttention:
+    def block_for(comm, tile_streams: str) -> TPAttention:
         blk = TPAttention(hidden, heads, kv_heads, dtype=dtype, device=device, comm=comm,
-                          backend=args.get("attn_backend", "auto"))
+                          backend=args.get("attn_backend", "auto"), tile_streams=tile_streams)
         with torch.no_grad():
             blk.o_proj.weight.copy_(wo)
         return blk
 
-    compute_blk = block_for(NoComm(world, rank))
+    mode = args.get("tile_streams", "auto")
+    compute_blk = block_for(NoComm(world, rank), mode)
     t1_out = {}
     plans = {}
     auto_comm = dict(paths) if emulate else "auto"  # the stand-ins to choose from, or the block's own choice
-    for name, comm in [("compute", None)] + list(paths.items()) + [("auto", auto_comm)]:
-        blk = compute_blk if comm is None else block_for(comm)
+    variants = [("compute", None, mode)] + [(n, c, mode) for n, c in paths.items()] + [("auto", auto_comm, mode)]
+    for other in args.get("compare_streams") or []:  # the same fixed tile counts under other stream modes
+        variants += [(f"compute.{other}", None, other)] + [(f"{n}.{other}", c, other) for n, c in paths.items()
+                                                         if not n.startswith("nccl_")]
+    for name, comm, streams in variants:
+        blk = compute_blk if name == "compute" else block_for(NoComm(world, rank) if comm is None else comm, streams)
         counts = [1, *tile_counts, "auto"] if name != "auto" else ["auto"]
+        if "." in name:
+            counts = list(tile_counts) + ([] if comm is None else ["auto"])
         for tiles in counts:
             label = f"{name}_t{tiles}"
             try:
@@ -160,17 +167,23 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, batch: int, seq: int, ti
                 ms = measure(capture(lambda: blk.attend(q, k, v, Causal(), tiles=tiles)))
                 plan = blk.last_plan
                 r["runs"][label] = {"ms": ms, "tiles": plan.num_tiles, "plan": list(plan.bounds),
-                                    "comm": blk.last_comm, "err_vs_t1": _rel(y, t1_out[kind]),
+                                    "comm": blk.last_comm, "streams": blk.last_streams,
+                                    "err_vs_t1": _rel(y, t1_out[kind]),
                                     "err_vs_baseline": _rel(y, refs[kind])}
                 if tiles == "auto":
-                    plans[label] = plan
+                    plans[label] = (plan, blk.last_streams)
             except Exception as e:  # one failing variant must not hide the others
                 r["runs"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        del blk
+        if blk is not compute_blk:
+            del blk
     # compute alone of the plans auto chose
-    for label, plan in plans.items():
-        ms = measure(capture(lambda: compute_blk.attend(q, k, v, Causal(), tiles=plan)))
+    for label, (plan, streams) in plans.items():  # compute alone, the same plan and stream mode
+        blk = block_for(NoComm(world, rank), streams)
+        ms = measure(capture(lambda: blk.attend(q, k, v, Causal(), tiles=plan)))
         r["runs"][label]["compute_ms"] = ms
+    # the baseline again at the end: the two readings bound the run-to-run spread of this shape
+    r["baseline_compute_ms_again"] = measure(base_compute_replay)
+    r["tile_streams"] = mode
     return summarize(r, tile_counts)
 
 
@@ -180,8 +193,9 @@ def summarize(r: dict, tile_counts: List[int]) -> dict:
     for label, v in runs.items():
         if "ms" not in v or t1c is None:
             continue
-        tiles_key = label.rsplit("_t", 1)[1]
-        comp = v.get("compute_ms", runs.get(f"compute_t{tiles_key}", {}).get("ms"))
+        name, tiles_key = label.rsplit("_t", 1)
+        kind = "compute" + (name[name.index("."):] if "." in name else "")  # compute under the same stream mode
+        comp = v.get("compute_ms", runs.get(f"{kind}_t{tiles_key}", {}).get("ms"))
         if comp is not None and not label.startswith("compute"):
             v["compute_ms"] = comp
         if comp is not None:
@@ -199,7 +213,8 @@ def summarize(r: dict, tile_counts: List[int]) -> dict:
     if ok:
         best = min(ok, key=lambda n: ok[n]["ms"])
         r["best_variant"], r["best_ms"], r["best_speedup"] = best, ok[best]["ms"], base / ok[best]["ms"]
-    r["t1_vs_baseline_compute"] = r["baseline_compute_ms"] / t1c if t1c else None
+    base_c = (r["baseline_compute_ms"] + r.get("baseline_compute_ms_again", r["baseline_compute_ms"])) / 2
+    r["t1_vs_baseline_compute"] = base_c / t1c if t1c else None
     errs = [v[k] for v in runs.values() for k in ("err_vs_t1",) if k in v]
     r["max_err_vs_t1"] = max(errs) if errs else None
     r["max_err_vs_baseline"] = max((v["err_vs_baseline"] for v in runs.values() if "err_vs_baseline" in v), default=None)
@@ -218,6 +233,9 @@ def run_rank(rank: int, world: int, opts: dict) -> Optional[List[dict]]:
         r = bench_shape(hidden, heads, kv, batch, seq, opts["tile_counts"], device, dtype, opts["repeats"],
                         opts["warmup"], opts["emulate_tp"], opts, log)
         results.append(r)
+        if rank == 0 and opts.get("partial_path"):  # what is done survives a run cut short
+            with open(opts["partial_path"], "w") as f:
+                json.dump({"partial": True, "results": results}, f)
         log(f"[bench] TP={r['tp']} hidden {hidden} B{batch} S{seq}: baseline {r['baseline_ms']:.3f} ms "
             f"(compute {r['baseline_compute_ms']:.3f}), ours t=1 compute x{1 / r['t1_vs_baseline_compute']:.3f}, "
             f"auto {r.get('auto_ms', float('nan')):.3f} ms ({r.get('auto_speedup', float('nan')):.2f}x, "
@@ -285,8 +303,13 @@ def cmd_bench(args) -> int:
             raise ValueError(f"heads {bad} are not divisible by --emulate-tp {args.emulate_tp}")
     opts = {"grid": grid, "tile_counts": args.tile_counts, "dtype": args.dtype, "repeats": args.repeats,
             "warmup": args.warmup, "kv_heads": args.kv_heads, "emulate_tp": args.emulate_tp,
-            "attn_backend": args.attn_backend, "few_ctas": args.few_ctas,
-            "standin_latency_us": args.standin_latency_us, "standin_gbps": args.standin_gbps}
+            "attn_backend": args.attn_backend, "few_ctas": args.few_ctas, "compare_streams": args.compare_streams,
+            "tile_streams": args.tile_streams,
+            "standin_latency_us": args.standin_latency_us, "standin_gbps": args.standin_gbps,
+            "partial_path": os.path.join(args.out, f"bench_partial_tp{args.emulate_tp or 'x'}.json")
+            if args.out else None}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     results = run_job(run_rank, launch, (opts,), label="bench")
     if results is None:
         return 0
@@ -323,13 +346,17 @@ def add_parser(sub) -> None:
     g.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads (default: as many as heads)")
     g.add_argument("--tile-counts", type=positive_int, nargs="*", default=[2, 3, 4], help="fixed tile counts to time")
     g.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    g.add_argument("--tile-streams", default="auto", choices=("auto", "one", "overlap", "staged", "lead"),
+                   help="how our tiles share the GPU (row_parallel.py; default auto: per shape)")
+    g.add_argument("--compare-streams", nargs="*", default=None, choices=("one", "overlap", "staged", "lead"),
+                   help="also time the fixed tile counts and auto's plans under these stream modes")
     g.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "cudnn", "torch"),
                    help="our block's attention kernel (the baseline always uses SDPA's default)")
     g = p.add_argument_group("one-GPU TP emulation")
     g.add_argument("--emulate-tp", type=positive_int, default=None,
                    help="play rank 0 of a TP=N group on this one GPU, all-reduces replaced by the comm stand-in")
-    g.add_argument("--few-ctas", type=positive_int, default=4,
-                   help="also time the stand-in NCCL path squeezed onto this many CTAs (default 4)")
+    g.add_argument("--few-ctas", type=nonneg_int, default=4,
+                   help="also time the stand-in NCCL path squeezed onto this many CTAs (default 4; 0: off)")
     g.add_argument("--standin-latency-us", type=positive_float, default=None,
                    help="override the stand-in's all-reduce latency (default: the fit for the TP size)")
     g.add_argument("--standin-gbps", type=positive_float, default=None,

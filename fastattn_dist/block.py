@@ -21,12 +21,12 @@ from .masks import Mask, MaskLike, resolve_mask
 from .parallel.ce_allreduce import copy_engine_available
 from .parallel.comm import COMM_PATHS, group_world_rank, make_comm
 from .parallel.graphs import CapturedCall, capture_cuda, run_eagerly
-from .parallel.row_parallel import TiledRowParallelLinear
+from .parallel.row_parallel import TILE_STREAMS, TiledRowParallelLinear
 from .parallel.sharding import TPShape, shard_full_weights
 from .parallel.tiling_allreduce import TilePlan, tile_segments
 from .profiler.recorder import BLOCK, span
 from .rope import Rotary
-from .tuning import BlockCost, CommOption, DeviceProfile, choose, profile_for
+from .tuning import BlockCost, CommOption, DeviceProfile, choose, profile_for, tile_streams_for
 
 Tiles = Union[int, str, TilePlan]
 MAX_GRAPHS = 8   # captured graphs kept (each holds its inputs, output and private memory)
@@ -61,7 +61,8 @@ class TPAttention(nn.Module):
     (``fastattn_dist.attention``). ``cuda_graph``: replay each input shape as one CUDA graph.
     ``check_inputs``: on the first call of each shape, check across ranks that every rank got the same
     shape, mask and input (one small all-gather); off by default in the API, on in the CLI.
-    ``parallel_tiles``: on CUDA, run tiles on prioritised streams of their own (row_parallel.py).
+    ``tile_streams``: how tiles share a GPU: "auto" (default: per shape, "one" when the cost model finds the
+    block comm-bound, else "overlap"), or one of row_parallel.py's modes ("one", "overlap", "staged", "lead").
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
@@ -69,7 +70,7 @@ class TPAttention(nn.Module):
                  device: Optional[torch.device] = None, rope_theta: Optional[float] = None,
                  backend: str = "auto", link: Optional[LinkModel] = None,
                  profile: Optional[DeviceProfile] = None, plan_options: TilePlanOptions = TilePlanOptions(),
-                 cuda_graph: bool = False, comm="nccl", check_inputs: bool = False, parallel_tiles: bool = True):
+                 cuda_graph: bool = False, comm="nccl", check_inputs: bool = False, tile_streams: str = "auto"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         world, rank = self._check_comm(comm, group)
@@ -87,7 +88,9 @@ class TPAttention(nn.Module):
         self.link = link
         self.plan_options = plan_options
         self.check_inputs = bool(check_inputs)
-        self.parallel_tiles = bool(parallel_tiles)
+        if tile_streams not in TILE_STREAMS + ("auto",):
+            raise ValueError(f"tile_streams must be 'auto' or one of {TILE_STREAMS}, got {tile_streams!r}")
+        self.tile_streams = tile_streams
         self._profile = profile
         s = self.shape
         D = s.head_dim
@@ -103,6 +106,7 @@ class TPAttention(nn.Module):
         self.recorder = None  # a profiler.SpanRecorder, or None (off: costs nothing)
         self.last_plan: Optional[TilePlan] = None
         self.last_comm: Optional[str] = None  # the comm path the last call used
+        self.last_streams: Optional[str] = None  # and how its tiles shared the GPU
         self._comms: Optional[Dict[str, object]] = None
         self._plans = LRUCache(MAX_PLANS)
         self.cuda_graph = bool(cuda_graph)
@@ -170,7 +174,7 @@ class TPAttention(nn.Module):
         return self._profile or profile_for(self.o_proj.weight.device)
 
     def choice_for(self, batch: int, seq: int, mask: MaskLike = "causal", tiles: Optional[Tiles] = None):
-        """(tile plan, comm path name) for this input shape and mask (cached; no device sync)."""
+        """(tile plan, comm path name, tile streams mode) for this input shape and mask (cached; no device sync)."""
         m = resolve_mask(mask)
         tiles = self.tiles if tiles is None else check_tiles(tiles)
         key = (batch, seq, m.structure(), tiles)
@@ -185,7 +189,8 @@ class TPAttention(nn.Module):
                 raise ValueError(f"the tile plan covers {tiles.rows} rows, the input has batch x seq = {batch * seq}")
             pred, name = choose(cost, m, tiles, profile=self.profile, comms=comms, link=self.link,
                                 options=self.plan_options, measured=self._measured(cost, m))
-            choice = (pred.plan, name)
+            streams = tile_streams_for(pred) if self.tile_streams == "auto" else self.tile_streams
+            choice = (pred.plan, name, streams)
             self._plans.put(key, choice)
         return choice
 
@@ -277,25 +282,25 @@ class TPAttention(nn.Module):
 
     def _attend(self, q, k, v, m: Mask, tiles) -> torch.Tensor:
         B, S = q.shape[:2]
-        plan, comm_name = self.choice_for(B, S, m, tiles)
-        self.last_plan, self.last_comm = plan, comm_name
+        plan, comm_name, streams = self.choice_for(B, S, m, tiles)
+        self.last_plan, self.last_comm, self.last_streams = plan, comm_name, streams
         comm = self.comm_paths()[comm_name]
         H = self.shape.hidden_size
         if self.cuda_graph and self.recorder is None:
-            key = (B, S, m.structure(), plan.bounds, comm_name)
+            key = (B, S, m.structure(), plan.bounds, comm_name, streams)
             call = self._graphs.get(key)
             if call is None:
                 def fn(q_, k_, v_, kl_, out):
                     mk = m if kl_ is None else Mask(m.causal, m.window, kl_)
-                    self._run_tiles(q_, k_, v_, mk, plan, comm, out)
+                    self._run_tiles(q_, k_, v_, mk, plan, comm, streams, out)
                 call = CapturedCall(fn, (q, k, v, m.key_lengths), (B, S, H), self._graph_capture)
                 self._graphs.put(key, call)
             return call(q, k, v, m.key_lengths)
         out = torch.empty(B, S, H, dtype=q.dtype, device=q.device)
-        self._run_tiles(q, k, v, m, plan, comm, out)
+        self._run_tiles(q, k, v, m, plan, comm, streams, out)
         return out
 
-    def _run_tiles(self, q, k, v, m: Mask, plan: TilePlan, comm, out: torch.Tensor) -> torch.Tensor:
+    def _run_tiles(self, q, k, v, m: Mask, plan: TilePlan, comm, streams: str, out: torch.Tensor) -> torch.Tensor:
         B, S, Hl, D = q.shape
         rec = self.recorder
         comm.enable_timing(rec is not None)
@@ -321,7 +326,7 @@ class TPAttention(nn.Module):
                                q_offset=s0, out=dst)
                 return buf[r0:r1]
 
-        handles = self.o_proj.run(plan, produce, out.view(B * S, -1), comm, rec, "o_proj", self.parallel_tiles)
+        handles = self.o_proj.run(plan, produce, out.view(B * S, -1), comm, rec, "o_proj", streams)
         comm.wait_all(handles)
         if rec is not None:
             rec.comm(handles)

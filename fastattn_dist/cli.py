@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from typing import List, Optional
 
-from .parallel.process_group import DEFAULT_TIMEOUT_S
+from .parallel.process_group import DEFAULT_TIMEOUT_S, RendezvousError
 from .parallel.spawn import RankFailedError
 
 
@@ -223,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"fastattn-dist: error: {e}", file=sys.stderr)
         return 2
-    except RankFailedError as e:
+    except (RankFailedError, RendezvousError) as e:
         print(f"fastattn-dist: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

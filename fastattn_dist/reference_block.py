@@ -79,9 +79,10 @@ def attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask="causal"
 def reference_block(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
                     num_heads: int, num_kv_heads: int, mask="causal", rope_theta: Optional[float] = None,
                     chunk: int = CHUNK) -> torch.Tensor:
-    """``x [B, S, hidden]`` and ``nn.Linear``-layout weights -> ``[B, S, hidden]`` in float64 on the CPU."""
+    """``x [B, S, hidden]`` and ``nn.Linear``-layout weights -> ``[B, S, hidden]`` in float64 on the CPU.
+    The head size is ``wq``'s rows / ``num_heads`` (so one rank's shard of heads works too)."""
     B, S, H = x.shape
-    D = H // num_heads
+    D = wq.shape[0] // num_heads
     x64 = x.double().cpu()
     q = (x64 @ wq.double().cpu().t()).view(B, S, num_heads, D)
     k = (x64 @ wk.double().cpu().t()).view(B, S, num_kv_heads, D)

@@ -163,7 +163,7 @@ def run_job(job: Callable, launch: Launch, job_args: Sequence[Any] = (),
                   "cores, so timings and tiles='auto' do not model separate devices", file=sys.stderr, flush=True)
         results = spawn_ranks(job, launch.world_size, tuple(job_args), backend=backend, timeout_s=launch.timeout_s)
         return results[0]
-    ctx = init_distributed(launch.dist_backend, timeout_s=launch.timeout_s)
+    ctx = init_distributed(launch.dist_backend, timeout_s=launch.timeout_s, launcher="env")
     if ctx.backend == "gloo":
         _share_cpu_cores()
     try:

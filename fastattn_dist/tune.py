@@ -62,7 +62,7 @@ def lookup(device: torch.device, cost: BlockCost, mask: Mask) -> Optional[Measur
     e = _load(profile_path()).get(shape_key(device, cost, mask))
     if not e:
         return None
-    return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3) for p in e["plans"]])
+    return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3, p["streams"]) for p in e["plans"]])
 
 
 def store(path: str, entries: Dict[str, dict]) -> None:
@@ -87,8 +87,9 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     from .config import TilePlanOptions
     from .masks import Causal
     from .parallel.comm import NoComm
+    from .parallel.graphs import capture_cuda
     from .runner import job_device, median_ms
-    from .tuning import plans_to_time, profile_for
+    from .tuning import plans_to_time, profile_for, simulate, tile_streams_for
 
     device = job_device()
     tp = opts["emulate_tp"] or world
@@ -97,8 +98,6 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     entries = {}
     for hidden, heads, batch, seq in opts["grid"]:
         kv = opts.get("kv_heads") or heads
-        blk = TPAttention(hidden, heads, kv, dtype=dtype, device=device, comm=NoComm(tp, rank % tp),
-                          cuda_graph=device.type == "cuda")
         D = hidden // heads
         g = torch.Generator().manual_seed(0)
         q = torch.randn(batch, seq, heads // tp, D, generator=g).to(device, dtype)
@@ -106,16 +105,25 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
         v = torch.randn(batch, seq, kv // tp, D, generator=g).to(device, dtype)
         cost = BlockCost(batch, seq, hidden, heads // tp, D, tp, q.element_size())
         mask = Causal()
-        plans = plans_to_time(cost, mask, profile_for(device), TilePlanOptions(), counts=range(1, opts["max_tiles"] + 1))
+        prof = profile_for(device)
+        plans = plans_to_time(cost, mask, prof, TilePlanOptions(), counts=range(1, opts["max_tiles"] + 1))
+        row_cost = cost.row_costs(mask, prof)
         timed = []
         for n, plan in plans.items():
-            ms = median_ms(lambda: blk.attend(q, k, v, mask, tiles=plan), device, opts["repeats"], opts["warmup"])
-            timed.append({"tiles": n, "bounds": list(plan.bounds), "compute_ms": ms})
+            # each plan under the stream mode the block would run it with, captured as one graph over these
+            # inputs, as bench times it (no copies into static buffers)
+            streams = tile_streams_for(simulate(plan, row_cost, cost, prof, None))
+            blk = TPAttention(hidden, heads, kv, dtype=dtype, device=device, comm=NoComm(tp, rank % tp),
+                              tile_streams=streams)
+            replay = capture_cuda(lambda: blk.attend(q, k, v, mask, tiles=plan))
+            ms = median_ms(replay, device, opts["repeats"], opts["warmup"])
+            timed.append({"tiles": n, "bounds": list(plan.bounds), "streams": streams, "compute_ms": ms})
+            del blk, replay
         t1 = timed[0]["compute_ms"]
         log(f"[tune] TP={tp} hidden {hidden} B{batch} S{seq}: compute " +
             ", ".join(f"t={p['tiles']} {p['compute_ms']:.3f} ms (x{p['compute_ms'] / t1:.3f})" for p in timed))
         entries[shape_key(device, cost, mask)] = {"plans": timed}
-        del blk, q, k, v
+        del q, k, v
     return entries if rank == 0 else None
 
 
@@ -146,6 +154,10 @@ def cmd_tune(args) -> int:
     from .runner import run_job
 
     launch = launch_from_args(args)
+    if args.emulate_tp:
+        if not torch.cuda.is_available():
+            raise ValueError("--emulate-tp needs a CUDA GPU")
+        launch.world_size, launch.dist_backend = 1, "nccl"
     if launch.device_type() != "cuda":
         raise ValueError("tune measures a GPU: run it on a machine with CUDA GPUs (under torchrun, or with "
                          "--emulate-tp N on one GPU)")
@@ -153,8 +165,6 @@ def cmd_tune(args) -> int:
     if len(heads) != len(args.hidden):
         raise ValueError("--heads needs one value per --hidden value")
     grid = [(h, n, b, s) for h, n in zip(args.hidden, heads) for b in args.batch for s in args.seq]
-    if args.emulate_tp:
-        launch.world_size, launch.dist_backend = 1, "nccl"
     opts = {"grid": grid, "emulate_tp": args.emulate_tp, "dtype": args.dtype, "kv_heads": args.kv_heads,
             "max_tiles": args.max_tiles, "repeats": args.repeats, "warmup": args.warmup}
     path = args.out or profile_path()

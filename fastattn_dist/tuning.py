@@ -21,7 +21,7 @@ so every rank computes the same plan without talking to the others.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -82,6 +82,7 @@ class Prediction:
     compute_s: float    # sum of compute
     comm_s: float       # sum of all-reduce time
     exposed_s: float    # block time not covered by compute
+    streams: Optional[str] = None  # the tile streams mode it was measured with (measured plans only)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def candidate_plans(row_cost: torch.Tensor, options: TilePlanOptions, min_tile_r
 class MeasuredPlans:
     """Compute times of plans measured on this GPU for one shape (``tune.py``): [(bounds, seconds)]."""
 
-    plans: List[Tuple[Tuple[int, ...], float]] = field(default_factory=list)
+    plans: List[Tuple[Tuple[int, ...], float, str]] = field(default_factory=list)  # (bounds, seconds, streams)
 
 
 def choose_plan(cost: BlockCost, mask: Mask, *, profile: DeviceProfile, link: Optional[LinkModel] = None,
@@ -211,7 +212,7 @@ def choose_plan(cost: BlockCost, mask: Mask, *, profile: DeviceProfile, link: Op
         return simulate(plan, row_cost, cost, profile, link, comm_model, compute_s, sm_fraction)
 
     if measured is not None and measured.plans:
-        preds = [sim(TilePlan(tuple(b)), s) for b, s in measured.plans]
+        preds = [replace(sim(TilePlan(tuple(b)), s), streams=mode) for b, s, mode in measured.plans]
         single = next((p for p in preds if p.plan.num_tiles == 1), None)
         best = min(preds, key=lambda p: p.block_s)
         if single is None or cost.world_size == 1:
@@ -230,6 +231,21 @@ def choose_plan(cost: BlockCost, mask: Mask, *, profile: DeviceProfile, link: Op
     if best.block_s > single.block_s * (1.0 - options.min_gain):
         return single
     return best
+
+
+# A plan whose all-reduces take at least this share of its compute is comm-bound: its tiles then run one
+# after another ("one"), so each tile's GEMM, and so its all-reduce, starts unobstructed; otherwise they
+# overlap ("overlap"), so later tiles fill the SMs earlier ones leave idle (measured, docs/gpu_emulation.md).
+COMM_BOUND = 0.8
+
+
+def tile_streams_for(pred: Prediction) -> str:
+    """How the tiles of a predicted plan should share a GPU (row_parallel.py's modes)."""
+    if pred.streams is not None:
+        return pred.streams
+    if pred.plan.num_tiles == 1:
+        return "one"
+    return "one" if pred.comm_s >= COMM_BOUND * pred.compute_s else "overlap"
 
 
 @dataclass(frozen=True)

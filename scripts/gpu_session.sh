@@ -1,26 +1,43 @@
 #!/usr/bin/env bash
-# One device-tool call that gathers every GPU figure of the block (issues 3 and 5), on 2+ GPUs.
-#   bash scripts/gpu_session.sh OUTDIR [quick]
-# Writes: gpu_tests.log, bench_block.{md,json} (default NCCL group), bench_ctas.{md,json}
-# (our all-reduces on an NCCL group limited to 8 CTAs, high-priority stream), prof/{trace.json,
-# timeline.png,metrics.json} (the profiler on the 4096-hidden, S=8K block).
+# One device-tool call that gathers the GPU figures, on whatever GPUs the machine has.
+#   bash scripts/gpu_session.sh OUTDIR [STEP...]
+# Steps (default: tests emulate): tests (python -m pytest tests/gpu), tune (one GPU: fastattn-dist tune
+# --emulate-tp for TPS), emulate (one GPU: bench --emulate-tp for TPS on the issue's grid, reading tuned.json
+# when tune ran first), real (2+ GPUs: bench at TP=all GPUs, NCCL and copy-engine paths, and the
+# profiler's trace of one shape). TPS (default "4 2 8"), REPEATS, BENCH_ARGS, T_* (step timeouts) adjust.
+# Writes under OUTDIR: session.log (everything printed), tuned.json, bench_tp<N>[_emulated].json, prof/...
 set -uo pipefail
 OUT=${1:?output folder}
-mkdir -p "$OUT/prof"
+shift
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu_tests.log"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu_tests.log"
-env | grep -E '^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISABLE_NVLS)=' | tee -a "$OUT/gpu_tests.log"
-run() { echo "+ $*" | tee -a "$OUT/gpu_tests.log"; timeout "${T:-300}" "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"; }
-T=240 run python3 -m pytest tests/gpu -q -x -p no:cacheprovider
-GRID=(--seq 2048 8192 32768)
-[ "${2:-}" = quick ] && GRID=(--seq 8192)
-T=300 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist bench "${GRID[@]}" --out "$OUT"
-T=150 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist bench --seq 8192 --comm-max-ctas 8 \
-  --comm-high-priority --no-graphs --out "$OUT/ctas"
-[ -f "$OUT/ctas/bench_block.md" ] && mv "$OUT/ctas/bench_block.md" "$OUT/bench_ctas.md" \
-  && mv "$OUT/ctas/bench_block.json" "$OUT/bench_ctas.json" && rmdir "$OUT/ctas"
-T=120 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist profile --dtype bfloat16 --seq 8192 \
-  --hidden 4096 --heads 32 --kv-heads 32 --no-link --no-rope --compare --out "$OUT/prof"
-echo "done" | tee -a "$OUT/gpu_tests.log"
+STEPS=${*:-tests emulate}
+LOG="$OUT/session.log"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$LOG"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cudnn", torch.backends.cudnn.version())' | tee -a "$LOG"
+env | grep -E '^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISABLE_NVLS)=' | tee -a "$LOG"
+run() { echo "+ $*" | tee -a "$LOG"; timeout "${T:-300}" "$@" 2>&1 | tee -a "$LOG"; }
+for step in $STEPS; do
+  case $step in
+    tests) T=${T_TESTS:-200} run python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
+    emulate) [ -f "$OUT/tuned.json" ] && export FASTATTN_TUNED_PROFILE="$OUT/tuned.json"
+             for tp in ${TPS:-4 2 8}; do
+               T=${T_BENCH:-170} run python3 -m fastattn_dist bench --emulate-tp "$tp" --repeats "${REPEATS:-15}" \
+                 --out "$OUT" ${BENCH_ARGS:-}
+             done ;;
+    tune) for tp in ${TPS:-4 2 8}; do  # the bench grid: batch 1 at 2K/8K/32K, batch 4 at 2K
+            T=${T_TUNE:-120} run python3 -m fastattn_dist tune --emulate-tp "$tp" --out "$OUT/tuned.json" --batch 1
+            T=${T_TUNE:-120} run python3 -m fastattn_dist tune --emulate-tp "$tp" --out "$OUT/tuned.json" --batch 4 \
+              --seq 2048
+          done ;;
+    real) [ "$NGPU" -ge 2 ] || { echo "real: needs 2+ GPUs, this machine has $NGPU" | tee -a "$LOG"; continue; }
+          T=400 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist bench --out "$OUT"
+          mkdir -p "$OUT/prof"
+          T=150 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist profile --dtype bfloat16 \
+            --seq 8192 --hidden 8192 --heads 64 --kv-heads 64 --no-link --no-rope --compare --out "$OUT/prof" ;;
+    *) echo "unknown step $step" | tee -a "$LOG" ;;
+  esac
+done
+rm -f "$OUT"/bench_partial_*.json "$OUT"/*.md  # the device tool returns 8 files: the JSONs and this log
+echo "done" | tee -a "$LOG"

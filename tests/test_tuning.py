@@ -97,3 +97,45 @@ def test_copy_engine_chunks_partition_the_tile(r0, r1, world):
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     sizes = [c1 - c0 for c0, c1 in chunks]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_stream_mode_follows_whether_comm_or_compute_bounds_the_plan():
+    from fastattn_dist.tuning import Prediction, tile_streams_for
+
+    plan = TilePlan((0, 10, 20))
+    assert tile_streams_for(Prediction(plan, 2.0, compute_s=1.0, comm_s=0.9, exposed_s=1.0)) == "one"
+    assert tile_streams_for(Prediction(plan, 2.0, compute_s=1.0, comm_s=0.5, exposed_s=1.0)) == "overlap"
+    assert tile_streams_for(Prediction(TilePlan.single(20), 2.0, 1.0, 0.1, 1.0)) == "one"
+    assert tile_streams_for(Prediction(plan, 2.0, 1.0, 0.9, 1.0, streams="lead")) == "lead"  # as measured
+
+
+def test_measured_plans_replace_the_model_and_a_taxed_plan_is_not_chosen():
+    """With measured compute, auto simulates only the plans timed on the GPU: a plan whose measured tax exceeds
+    the comm it hides loses to one tile; a cheap one wins."""
+    from fastattn_dist.tuning import MeasuredPlans, choose_plan
+
+    c = cost(seq=1024, world=2)
+    link = LinkModel(50, 0.08)
+    two = cost_balanced_plan(c.row_costs(Causal(), CPU), 2).bounds
+    t1 = simulate(TilePlan.single(1024), c.row_costs(Causal(), CPU), c, CPU, link).compute_s
+    cheap = MeasuredPlans([((0, 1024), t1, "one"), (two, t1 * 1.01, "overlap")])
+    pred = choose_plan(c, Causal(), profile=CPU, link=link, measured=cheap)
+    assert pred.plan.bounds == two and pred.streams == "overlap"
+    taxed = MeasuredPlans([((0, 1024), t1, "one"), (two, t1 * 3.0, "overlap")])
+    assert choose_plan(c, Causal(), profile=CPU, link=link, measured=taxed).plan.num_tiles == 1
+
+
+def test_tuned_profile_round_trip(tmp_path, monkeypatch):
+    from fastattn_dist import tune
+
+    path = tmp_path / "sub" / "tuned.json"
+    monkeypatch.setenv(tune.ENV, str(path))
+    assert tune.profile_path() == str(path)
+    tune.store(str(path), {"k1": {"plans": [{"tiles": 1, "bounds": [0, 8], "streams": "one", "compute_ms": 2.0}]}})
+    tune.store(str(path), {"k2": {"plans": []}})  # merged, not replaced
+    assert set(tune._load(str(path))) == {"k1", "k2"}
+    # on CPU the built-in profile always decides (measured plans are per GPU model)
+    assert tune.lookup(torch.device("cpu"), cost(), Causal()) is None
+    (tmp_path / "a_file").write_text("x")  # a file where a folder should be: the write fails, in one line
+    with pytest.raises(ValueError, match="could not write the tuned profile"):
+        tune.store(str(tmp_path / "a_file" / "t.json"), {"k": {}})

@@ -7,10 +7,20 @@ of the full output. The token rows are cut into tiles (``TilePlan``); for tile i
 writes the tile's partial sums, and the tile's all-reduce is issued at once, while tile i+1
 computes. With one tile this is exactly the sequential layer.
 
-On CUDA tile i runs on its own stream (``TileStreams``), at a priority below tile i-1's and below the
-comm stream's: a later tile's kernels fill the SMs an earlier tile leaves idle at its tail, but never
-slow it down, since the earlier tile's all-reduce waits for it. On CPU the tiles run in order on the
-calling thread while gloo's thread moves the data.
+On CUDA the tiles' kernels go to streams by ``tile_streams`` (measured on one H100, docs/gpu_emulation.md):
+
+  "one"      every tile on the caller's stream: each kernel drains the GPU before the next starts.
+  "overlap"  tile i on its own stream at a priority below tile i-1's (and the comm stream above all):
+             a later tile fills the SMs an earlier one leaves idle. Fastest compute, but tile i+1's
+             attention holds the SMs tile i's GEMM needs when it becomes ready, so the all-reduce
+             chain starts late: worse when comm is the critical path.
+  "staged"   as overlap, but tile i+1's input (its attention) starts only once tile i's is done: tile
+             i's GEMM, higher in priority, takes the SMs first, and tile i+1's attention fills its tail.
+             At TP >= 4 a late tile's attention is under one wave, and only other attention fills the
+             rest: the compute tax stays that of "one".
+  "lead"     tile 0 alone on the GPU (its all-reduce, the head of the comm chain, starts as early as it
+             can), then tiles 1.. as in overlap (their all-reduces queue behind tile 0's anyway).
+On CPU the tiles run in order on the calling thread while gloo's thread moves the data.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from .tiling_allreduce import TilePlan
 
 # PyTorch creates streams at priorities 0 (lowest) to -3 (highest); the comm stream takes -3.
 TILE_PRIORITIES = (-2, -1, 0)
+TILE_STREAMS = ("one", "overlap", "staged", "lead")
 
 
 class TileStreams:
@@ -87,21 +98,30 @@ class TiledRowParallelLinear(nn.Module):
 
     @torch.no_grad()
     def run(self, plan: TilePlan, produce: Produce, out: torch.Tensor, comm, recorder=None,
-            name: str = "o_proj", parallel_tiles: bool = True) -> List[CommHandle]:
+            name: str = "o_proj", tile_streams: str = "lead") -> List[CommHandle]:
         """For each tile: ``x = produce(i, r0, r1)`` (``[r1 - r0, in_features_local]``), ``out[r0:r1] = x @ W^T``,
-        all-reduce ``out[r0:r1]`` asynchronously. ``parallel_tiles=False`` keeps every tile on the caller's stream."""
+        all-reduce ``out[r0:r1]`` asynchronously; ``tile_streams`` as in the module docstring."""
         n = plan.num_tiles
         partials = comm.prepare(out)  # where the GEMM writes: ``out``, or the copy-engine path's symmetric buffer
-        streams = self.streams() if (parallel_tiles and n > 1) else None
+        streams = self.streams() if (tile_streams != "one" and n > 1) else None
         main = streams.fork(n) if streams is not None else None
         handles = []
+        produced = None  # event: the previous tile's input is complete ("staged")
         for i, (r0, r1) in enumerate(plan.ranges):
-            with torch.cuda.stream(streams.get(i)) if streams is not None else contextlib.nullcontext():
+            stream = streams.get(i) if streams is not None else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if produced is not None:  # staged: the previous tile's input; lead: tile 0's GEMM
+                    stream.wait_event(produced)
                 x = produce(i, r0, r1)
+                if stream is not None and tile_streams == "staged":
+                    produced = torch.cuda.Event()
+                    produced.record()
                 with span(recorder, name, i):
                     torch.matmul(x, self.weight.t(), out=partials[r0:r1])
+                if stream is not None and tile_streams == "lead" and i == 0:
+                    produced = torch.cuda.Event()  # tile 1 (and through it the rest) starts after tile 0's GEMM
+                    produced.record()
                 handles.append(comm.start(partials[r0:r1], i, (r0, r1)))
         if streams is not None:
             streams.join(main, n)
         return handles
-

@@ -12,8 +12,9 @@ and holds what the real path holds:
   reads and writes the tile's bus bytes in device memory and stays resident until the modelled
   time has passed since it started. Fewer CTAs than ``full_bw_ctas`` get proportionally less
   bandwidth (each channel moves a share), so squeezing NCCL onto few SMs costs comm time.
-* ``path="copy_engine"``: copy-engine copies of the bus bytes (no SMs) beside a one-warp timer
-  kernel that ends when the modelled time has passed.
+* ``path="copy_engine"``: copy-engine copies of the bus bytes (no SMs), spread over several streams
+  so the copy engines work in parallel, beside a one-warp timer kernel that ends when the modelled
+  time has passed.
 
 It is a model, not a measurement: the latency and bandwidth defaults are least-squares fits to
 NCCL all-reduces of 16-512 MB measured on H200 NVLink nodes (TP=2 and TP=4, 2026-11-22; TP=8 was
@@ -36,6 +37,11 @@ from .comm import CommHandle, comm_stream
 # messages in this size range, the range a tile's all-reduce falls in.
 MEASURED_FITS = {2: (78.0, 310.0), 4: (131.0, 347.0)}
 PATHS = ("nccl", "copy_engine")
+CE_STREAMS = 4  # copy streams of the copy-engine stand-in
+# Local device-to-device copies ran at ~213 GB/s on an H100 (2026-11-25), slower than the modelled links for
+# large tiles: the copy-engine stand-in copies at most what this rate moves in the modelled time, so its
+# length stays the model's (its copies stand for the memory traffic, not the timing).
+CE_COPY_BYTES_S = 200e9
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class GpuLinkModel:
         """The modelled time of one all-reduce of ``nbytes`` per rank over ``world_size`` ranks."""
         if world_size <= 1 or nbytes <= 0:
             return 0.0
-        return self.latency_us * 1e-6 + self.bus_bytes(nbytes, world_size) / (self.effective_gbps * 1e9)
+        return self.latency_us * 1e-6 + 2.0 * (world_size - 1) / world_size * nbytes / (self.effective_gbps * 1e9)
 
     def describe(self) -> str:
         what = f"{self.ctas} CTAs x {self.threads} threads" if self.path == "nccl" else "copy engines, no SMs"
@@ -153,7 +159,7 @@ class StandInAllReduce:
         if self.device.type != "cuda":
             raise ValueError("the GPU comm stand-in needs a CUDA device; CPU ranks use LinkModel")
         self._stream = comm_stream(self.device)
-        self._ce_stream = comm_stream(self.device)
+        self._ce_streams = [comm_stream(self.device) for _ in range(CE_STREAMS)]
         self._timing = False
         self.trace: Optional[torch.Tensor] = None  # int64 [ctas * 3]: per-CTA start, copy end, exit (diagnostics)
 
@@ -184,16 +190,21 @@ class StandInAllReduce:
             return
         # copy engines move the bytes (no SMs); one warp marks when the modelled time is up
         cur = torch.cuda.current_stream(self.device)
-        self._ce_stream.wait_stream(cur)
-        with torch.cuda.stream(self._ce_stream):
-            left = bus_words
-            while left > 0:
-                n = min(left, src.numel())
-                dst[:n].copy_(src[:n], non_blocking=True)
-                left -= n
+        bus_words = min(bus_words, int(seconds * CE_COPY_BYTES_S) // src.element_size())
+        chunk = -(-bus_words // len(self._ce_streams))
+        for j, st in enumerate(self._ce_streams):  # the bus words, a share per stream, wrapping over the tile
+            st.wait_stream(cur)
+            with torch.cuda.stream(st):
+                pos, end = j * chunk, min(bus_words, (j + 1) * chunk)
+                while pos < end:
+                    a = pos % src.numel()
+                    n = min(end - pos, src.numel() - a)
+                    dst[a:a + n].copy_(src[a:a + n], non_blocking=True)
+                    pos += n
         hold[(1,)](src, dst, src.numel(), 0, int(seconds * 1e9), self.trace, BLOCK=32, TRACE=self.trace is not None,
                    num_warps=1)
-        cur.wait_stream(self._ce_stream)
+        for st in self._ce_streams:
+            cur.wait_stream(st)
 
     def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
         h = CommHandle(tile, piece.numel() * piece.element_size())

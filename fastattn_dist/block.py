@@ -218,8 +218,9 @@ class TPAttention(nn.Module):
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the block's weights are on {w.device}")
 
-    def _check_across_ranks(self, what: torch.Tensor, m: Mask) -> None:
-        """First call of a shape: every rank must see the same shape, mask and input (one all-gather)."""
+    def _check_across_ranks(self, what: torch.Tensor, m: Mask, same_values: bool = True) -> None:
+        """First call of a shape: every rank must see the same shape, mask and (``same_values``: the replicated
+        input of ``forward``, not ``attend``'s per-rank heads) input values. One all-gather."""
         key = (tuple(what.shape), m.structure())
         if not self.check_inputs or key in self._checked or not isinstance(self.comm, str):
             return  # comm objects (an emulated group) have no process group to ask
@@ -228,9 +229,14 @@ class TPAttention(nn.Module):
             from .runner import check_same_on_all_ranks
 
             kl = m.key_lengths
-            facts = {"shape": list(what.shape), "mask": [int(m.causal), m.window or 0, int(kl is not None)],
-                     "key_lengths_sum": 0 if kl is None else int(kl.sum()),
-                     "input_checksum": float(what.double().sum()) + float(what.double().abs().sum()) * 1e-3}
+            facts = {"shape": list(what.shape),
+                     "mask": ("causal" if m.causal else "none") + (f" window {m.window}" if m.window else ""),
+                     "key_lengths": None if kl is None else kl.tolist(),
+                     "input_checksum": None}
+            if same_values:
+                rows = what.sum(-1, dtype=torch.float64).flatten()  # per-row sums: cheap, and see the rows' order
+                pos = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+                facts["input_checksum"] = [float(rows.sum()), float((rows * pos).sum()), float(rows.abs().sum())]
             check_same_on_all_ranks(facts, self.group, what="the block's input")
         self._checked.add(key)
 
@@ -277,7 +283,7 @@ class TPAttention(nn.Module):
         m = resolve_mask(mask)
         m.validate(q.shape[0], q.shape[1])
         tiles = self.tiles if tiles is None else check_tiles(tiles)
-        self._check_across_ranks(q, m)
+        self._check_across_ranks(q, m, same_values=False)  # each rank holds its own heads
         return self._attend(q, k, v, m, tiles)
 
     def _attend(self, q, k, v, m: Mask, tiles) -> torch.Tensor:

@@ -11,34 +11,34 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .parallel.process_group import DEFAULT_TIMEOUT_S, RendezvousError
 from .parallel.spawn import RankFailedError
 
 
-class UsageError(ValueError):
-    """A bad argument value found after parsing: printed as one line, exit code 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {n}")
-    return n
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {n}")
+        return n
+    return parse
 
 
-def nonneg_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {n}")
-    return n
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
 
 
 def positive_float(value: str) -> float:
@@ -112,9 +112,10 @@ def launch_from_args(args):
 
 
 def block_config(args, launch):
+    from .runner import launch_world_size
     from .workload import BlockConfig
 
-    cfg = BlockConfig(world_size=args.world_size, batch=args.batch, seq=args.seq, hidden=args.hidden,
+    cfg = BlockConfig(world_size=launch_world_size(launch), batch=args.batch, seq=args.seq, hidden=args.hidden,
                       heads=args.heads, kv_heads=args.kv_heads, tiles=args.tiles, mask=args.mask,
                       dtype=args.dtype, attn_backend=args.attn_backend,
                       link_latency_us=0.0 if args.no_link else args.link_latency_us,
@@ -150,8 +151,11 @@ def cmd_demo(args) -> int:
     check = "not checked (--no-check)" if err is None else f"max rel err vs float64 reference {err:.2e}"
     if summary["world_size"] == 1:
         print("note: one rank: there is no comm to hide, so 'tiled' only shows what tiles cost")
+    elif summary["auto_chose_one_tile"]:
+        print("note: tiles=auto chose one tile (the cost model predicts no gain worth tiling for at this shape), so "
+              "'tiled' is the sequential block: no speedup to show")
     elif summary["num_tiles"] == 1:
-        print("note: the plan has one tile, so 'tiled' is the sequential block; their difference is noise")
+        print("note: the plan has one tile, so 'tiled' is the sequential block: no speedup to show")
     if summary["speedup"] is not None:
         print(f"speedup {summary['speedup']:.2f}x; ", end="")
     print(f"tiled vs sequential max |diff| {summary['tiled_vs_sequential_max_abs']:.2e}; {check}")
@@ -181,7 +185,7 @@ def cmd_profile(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastattn-dist", description="Tensor-parallel attention with tiling-AllReduce: "
+    p = Parser(prog="fastattn-dist", description="Tensor-parallel attention with tiling-AllReduce: "
                                 "demo, profile, bench and tune the TP block.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -210,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     from . import bench, tune
+    from .models import commands as model_commands
     bench.add_parser(sub)
     tune.add_parser(sub)
+    model_commands.add_generate_parser(sub)
+    model_commands.add_bench_model_parser(sub)
     return p
 
 

@@ -7,18 +7,16 @@ covered by that rank's compute (profiler/metrics.py), from one recorded call per
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from dataclasses import asdict
 
 import torch
 
-from .masks import resolve_mask
-from .profiler.metrics import rank_step_metrics
+from .profiler.metrics import format_table as table, rank_step_metrics
 from .profiler.recorder import SpanRecorder
 from .reference_block import reference_block
-from .runner import job_device, max_over_ranks, time_ms
-from .workload import BlockConfig, build_block
+from .runner import max_over_ranks, time_ms
+from .workload import BlockConfig, start_rank
 
 
 def recorded_call(block, x, mask, tiles) -> dict:
@@ -36,14 +34,8 @@ def recorded_call(block, x, mask, tiles) -> dict:
 
 def run_rank(rank: int, world_size: int, cfg: BlockConfig) -> dict:
     """Everything one rank does for the demo. Needs the process group initialised (any launcher)."""
-    device = job_device()
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (cfg.verbose and rank == 0) else None
-    mask = resolve_mask(cfg.mask)
-    block, x, weights = build_block(cfg, device)
-    plan = block.plan_for(cfg.batch, cfg.seq, mask)
-    if log:
-        log(f"[demo] {world_size} ranks, {cfg.describe()}")
-        log(f"[demo] tile plan ({cfg.tiles}): {plan.num_tiles} tiles, rows {list(plan.bounds)}")
+    w = start_rank(cfg, rank, world_size, "demo")
+    device, log, mask, block, x, weights, plan = w.device, w.log, w.mask, w.block, w.x, w.weights, w.plan
     results, outputs = {}, {}
     for name, tiles in (("sequential", 1), ("tiled", cfg.tiles)):
         if log:
@@ -68,10 +60,12 @@ def run_rank(rank: int, world_size: int, cfg: BlockConfig) -> dict:
         "plan": list(plan.bounds), "num_tiles": plan.num_tiles,
         "auto_chose_one_tile": cfg.tiles == "auto" and plan.num_tiles == 1,
         "sequential_ms": seq["median_ms"], "tiled_ms": til["median_ms"],
-        "speedup": seq["median_ms"] / til["median_ms"] if world_size > 1 else None,
+        # one rank (no comm) or one tile (the same block twice): the ratio would be noise, not a speedup
+        "speedup": seq["median_ms"] / til["median_ms"] if world_size > 1 and plan.num_tiles > 1 else None,
         "sequential_exposed_comm_ms": seq["exposed_comm_ms"], "tiled_exposed_comm_ms": til["exposed_comm_ms"],
         "sequential_compute_ms": seq["compute_ms"], "tiled_compute_ms": til["compute_ms"],
-        "spread": {n: [r["min_ms"], r["max_ms"]] for n, r in results.items()},
+        # run-to-run spread of the timed repeats: ratios of medians are only as good as this
+        "spread": {n: {k: r[k] for k in ("min_ms", "median_ms", "max_ms")} for n, r in results.items()},
         "runs": results,
     }
     summary["tiled_vs_sequential_max_abs"] = (outputs["tiled"].double() - outputs["sequential"].double()).abs().max().item()
@@ -87,13 +81,11 @@ def run_rank(rank: int, world_size: int, cfg: BlockConfig) -> dict:
 
 
 def format_table(s: dict) -> str:
-    from .profiler.metrics import format_table as table
-
     rows = [("run", "tiles", "median ms", "min-max ms", "exposed comm ms", "speedup", "max rel err vs fp64")]
     for name, tiles in (("sequential", 1), ("tiled", s["num_tiles"])):
         err = s.get(f"{name}_max_rel_err")
-        lo, hi = s["spread"][name]
+        spread = s["spread"][name]
         speed = "-" if s["speedup"] is None else f"{s['sequential_ms'] / s[name + '_ms']:.2f}x"
-        rows.append((name, str(tiles), f"{s[name + '_ms']:.2f}", f"{lo:.2f}-{hi:.2f}",
+        rows.append((name, str(tiles), f"{s[name + '_ms']:.2f}", f"{spread['min_ms']:.2f}-{spread['max_ms']:.2f}",
                      f"{s[name + '_exposed_comm_ms']:.2f}", speed, "-" if err is None else f"{err:.2e}"))
     return table(rows)

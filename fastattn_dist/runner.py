@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .parallel.process_group import DEFAULT_TIMEOUT_S, detect_launcher, init_distributed, shutdown
+from .parallel.process_group import (DEFAULT_TIMEOUT_S, detect_launcher, env_int, init_distributed, require_launcher,
+                                     shutdown)
 from .parallel.spawn import spawn_ranks
 
 
@@ -37,6 +38,8 @@ class Launch:
             raise ValueError(f"timeout must be > 0 s, got {self.timeout_s}")
         if self.dist_backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("--dist-backend nccl needs CUDA GPUs, and none is visible; use gloo on CPU")
+        if self.launcher == "env":
+            require_launcher()
 
     @property
     def mode(self) -> str:
@@ -55,10 +58,17 @@ class Launch:
 
 def launch_rank() -> int:
     """This process's global rank as its launcher set it (0 when spawning locally), before any rendezvous."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "") != "":
-            return int(os.environ[name])
-    return 0
+    rank = env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+    return 0 if rank is None else rank
+
+
+def launch_world_size(launch: Launch) -> int:
+    """The world size the ranks will have: the launcher's under one (``--world-size`` does not apply
+    there), else ``launch.world_size``. Lets the CLI check shapes before any rank starts."""
+    if launch.mode == "spawn":
+        return launch.world_size
+    world = env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+    return launch.world_size if world is None else world
 
 
 def job_device() -> torch.device:
@@ -124,15 +134,31 @@ def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
 
 
 def check_same_on_all_ranks(facts: dict, group=None, what: str = "the input") -> None:
-    """Raise ValueError on every rank, naming the ranks, unless all ranks passed equal ``facts``."""
+    """Raise ValueError on every rank unless all ranks passed equal ``facts`` (one all_gather_object).
+
+    The message names the ranks that differ from the largest group of agreeing ranks (rank 0's on a tie),
+    so one odd rank is named whichever it is, and the first fact (in ``facts``' order: put the most telling
+    first) on which they differ. Values compare by ``repr`` (a NaN equals a NaN)."""
     n = dist.get_world_size(group)
     gathered: list = [None] * n
     dist.all_gather_object(gathered, facts, group=group)
-    differ = [r for r in range(n) if gathered[r] != gathered[0]]
-    if differ:
-        keys = sorted({k for r in differ for k in facts if gathered[r].get(k) != gathered[0].get(k)})
-        detail = "; ".join(f"rank {r}: " + ", ".join(f"{k}={gathered[r].get(k)}" for k in keys) for r in [0] + differ)
-        raise ValueError(f"ranks disagree on {what} ({', '.join(keys)}): {detail}")
+    groups: dict = {}
+    for r, f in enumerate(gathered):
+        groups.setdefault(repr(sorted(f.items())), []).append(r)
+    if len(groups) == 1:
+        return
+    common = max(groups.values(), key=lambda rs: (len(rs), -rs[0]))
+    ref = gathered[common[0]]
+    order = sorted(groups.values(), key=lambda rs: (rs is common, rs[0]))  # the odd ones first
+
+    def first_diff(f):
+        return next(k for k in {**f, **ref} if repr(f.get(k)) != repr(ref.get(k)))
+
+    def say(rs):
+        who = f"rank {rs[0]} has" if len(rs) == 1 else f"ranks {', '.join(map(str, rs))} have"
+        return who + " " + ", ".join(f"{k}={gathered[rs[0]].get(k)}" for k in keys)
+    keys = list(dict.fromkeys(first_diff(gathered[rs[0]]) for rs in order[:-1]))
+    raise ValueError(f"ranks disagree on {what} ({', '.join(keys)}): " + "; ".join(say(rs) for rs in order))
 
 
 def _share_cpu_cores() -> None:

@@ -2,21 +2,25 @@
 
 ``BlockConfig.validate`` catches every bad value before a rank starts (the CLI's one-line errors);
 ``make_inputs`` builds the same full weights and input on every rank from a fixed seed, so each rank
-keeps its shard and rank 0 can compute the float64 reference.
+keeps its shard and rank 0 can compute the float64 reference; ``start_rank`` is what a rank of
+``demo`` or ``profile`` starts from (the block, its input and its tile plan).
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .attention import available
-from .block import check_tiles
+from .block import TPAttention, check_tiles
 from .config import LinkModel
-from .masks import resolve_mask
+from .masks import Mask, resolve_mask
 from .parallel.sharding import TPShape
+from .parallel.tiling_allreduce import TilePlan
+from .runner import job_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -41,7 +45,7 @@ class BlockConfig:
     dtype: str = "float32"
     attn_backend: str = "auto"
     # Default link: the CPU computes roughly 5000x slower than an H200, so NVLink's ~250 GB/s is scaled
-    # down alike; comm then costs about what attention + o_proj cost, as measured on H200s (docs/tiling.md).
+    # down alike: comm then costs about what attention + o_proj cost (docs/tiling.md, the simulated link).
     link_latency_us: float = 50.0
     link_gbps: Optional[float] = 0.08
     rope_theta: Optional[float] = 10000.0
@@ -108,11 +112,35 @@ def make_inputs(cfg: BlockConfig, device: torch.device):
 
 def build_block(cfg: BlockConfig, device: torch.device):
     """The block of ``cfg`` on ``device`` with the workload's weights loaded; returns (block, x, full weights)."""
-    from .block import TPAttention
-
     block = TPAttention(cfg.hidden, cfg.heads, cfg.kv_heads, tiles=cfg.tiles, dtype=parse_dtype(cfg.dtype),
                         device=device, rope_theta=cfg.rope_theta, backend=cfg.attn_backend, link=cfg.link(),
                         check_inputs=cfg.check_inputs)
     weights, x = make_inputs(cfg, device)
     block.load_full_weights(*weights)
     return block, x, weights
+
+
+@dataclass
+class RankWork:
+    """What every rank of ``demo`` and ``profile`` starts from (``start_rank``)."""
+
+    device: torch.device
+    log: Optional[Callable[[str], None]]  # prints on rank 0 (stderr) when the config is verbose, else None
+    mask: Mask
+    block: TPAttention
+    x: torch.Tensor
+    weights: list
+    plan: TilePlan
+
+
+def start_rank(cfg: BlockConfig, rank: int, world_size: int, label: str) -> RankWork:
+    """Build the block of ``cfg`` on this rank's device, with its input and tile plan; say so on rank 0."""
+    device = job_device()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (cfg.verbose and rank == 0) else None
+    mask = resolve_mask(cfg.mask)
+    block, x, weights = build_block(cfg, device)
+    plan = block.plan_for(cfg.batch, cfg.seq, mask)
+    if log:
+        log(f"[{label}] {world_size} ranks, {cfg.describe()}")
+        log(f"[{label}] tile plan ({cfg.tiles}): {plan.num_tiles} tiles, rows {list(plan.bounds)}")
+    return RankWork(device, log, mask, block, x, weights, plan)

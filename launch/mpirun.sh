@@ -9,6 +9,9 @@
 #   several nodes:       NP=16 HOSTFILE=hosts.txt launch/mpirun.sh bench     (hosts.txt: "node1 slots=8" lines)
 #   Slurm:               srun -N 2 --ntasks-per-node 8 python -m fastattn_dist bench   (SLURM_* variables are read)
 set -euo pipefail
+# A fresh install need not be activated: the repository's .venv (README) comes first on PATH when it exists.
+venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
+[ -d "$venv" ] && PATH="$venv:$PATH"
 NP=${NP:-2}
 args=(-n "$NP")
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")

@@ -11,6 +11,9 @@
 # command's --timeout-s, else 300; then they fail, saying what they waited for.
 # Ranks use NCCL when GPUs are visible, else gloo (override with --dist-backend).
 set -euo pipefail
+# A fresh install need not be activated: the repository's .venv (README) comes first on PATH when it exists.
+venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
+[ -d "$venv" ] && PATH="$venv:$PATH"
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
 if [ "$NNODES" = 1 ]; then

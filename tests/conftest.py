@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,6 +25,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     scale = ref.abs().max().item()
     diff = (out - ref).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def run_cli(*args, timeout=240) -> subprocess.CompletedProcess:
+    """``python -m fastattn_dist ARGS`` as users run it; stdout and stderr captured as text."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "fastattn_dist", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

@@ -112,3 +112,48 @@ def pid_then_sleep(rank, world, pid_dir, seconds):
     os.replace(tmp, os.path.join(pid_dir, f"rank{rank}"))
     time.sleep(seconds)
     return rank
+
+
+def disagreeing_inputs(rank, world, odd_rank):
+    """Blocks with check_inputs=True, where rank ``odd_rank`` differs from the others in one way per case.
+
+    Returns {case: the ValueError's message, or None if the call passed} and {case: all_gather_object calls}.
+    """
+    real_gather = dist.all_gather_object
+    calls = {}
+
+    def block():
+        blk = fa.TPAttention(48, 6, 6, tiles=2, check_inputs=True)
+        blk.load_full_weights(*make_weights(48, 6, 6))
+        return blk
+
+    odd = rank == odd_rank
+    cases = {
+        "seq": lambda b: b(make_input(1, 9 if odd else 8, 48)),
+        "mask": lambda b: b(make_input(1, 8, 48), mask="none" if odd else "causal"),
+        "window": lambda b: b(make_input(1, 8, 48), mask=fa.SlidingWindow(5 if odd else 4)),
+        "key_lengths": lambda b: b(make_input(2, 8, 48), mask=fa.KeyPadding([8, 3] if odd else [3, 8])),
+        "input": lambda b: b(make_input(1, 8, 48, seed=2 if odd else 1)),
+        "rows_swapped": lambda b: b(make_input(1, 8, 48).flip(1) if odd else make_input(1, 8, 48)),
+        # equal inputs: one check per shape, however often it is called
+        "equal": lambda b: [b(make_input(1, 8, 48)) for _ in range(3)] + [b(make_input(2, 5, 48))],
+        # attend() takes each rank's own heads: only shapes and masks must agree
+        "attend": lambda b: b.attend(*b.project_qkv(make_input(1, 8, 48))),
+    }
+    out = {}
+    for name, run in cases.items():
+        n = [0]
+
+        def counting(*a, **kw):
+            n[0] += 1
+            return real_gather(*a, **kw)
+        dist.all_gather_object = counting
+        try:
+            run(block())
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+        finally:
+            dist.all_gather_object = real_gather
+        calls[name] = n[0]
+    return out, calls

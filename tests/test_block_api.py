@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import REL_TOL, rel_err
-from fastattn_dist import KeyPadding, SlidingWindow, TPAttention
+from fastattn_dist import KeyPadding, Mask, SlidingWindow, TPAttention
 from fastattn_dist.rope import Rotary, inverse_frequencies
 from fastattn_dist.reference_block import reference_block
 from rank_jobs import make_input, make_weights
@@ -154,16 +154,22 @@ def test_forward_tiles_override_is_validated():
         blk(torch.randn(1, 5, 32), tiles=0)
 
 
-def test_graph_mode_reuses_static_buffers_and_stays_correct():
-    """The CUDA-graph code path (static inputs/outputs, one capture per shape), run eagerly on CPU."""
+def graph_and_eager(tiles=3):
+    """A CUDA-graph block (fake capture on CPU: ``graphs.run_eagerly``, counted) and an eager twin."""
     w = make_weights(64, 8, 2)
-    eager = TPAttention(64, 8, 2, tiles=3)
-    graph = TPAttention(64, 8, 2, tiles=3, cuda_graph=True)
+    eager = TPAttention(64, 8, 2, tiles=tiles)
+    graph = TPAttention(64, 8, 2, tiles=tiles, cuda_graph=True)
     captures = []
     real_capture = graph._graph_capture
     graph._graph_capture = lambda fn: (captures.append(fn), real_capture(fn))[1]
     for blk in (eager, graph):
         blk.load_full_weights(*w)
+    return eager, graph, captures
+
+
+def test_graph_mode_reuses_static_buffers_and_stays_correct():
+    """The CUDA-graph code path (static inputs/outputs, one capture per shape), run eagerly on CPU."""
+    eager, graph, captures = graph_and_eager()
     outs = []
     for seed in (1, 2, 3):
         x = make_input(2, 21, 64, seed=seed)
@@ -174,3 +180,77 @@ def test_graph_mode_reuses_static_buffers_and_stays_correct():
     assert outs[0] is outs[2]                      # the static output buffer is handed back each time
     graph(make_input(1, 9, 64))
     assert len(captures) == 2                      # a new shape captures again
+
+
+def test_graph_mode_alternating_shapes_keep_their_own_buffers():
+    eager, graph, captures = graph_and_eager()
+    xa, xb, xa2 = make_input(2, 21, 64, seed=1), make_input(1, 9, 64, seed=2), make_input(2, 21, 64, seed=3)
+    ya = graph(xa)
+    assert torch.equal(ya, eager(xa))
+    ya_before = ya.clone()
+    yb = graph(xb)
+    assert torch.equal(yb, eager(xb))
+    assert yb.untyped_storage().data_ptr() != ya.untyped_storage().data_ptr()
+    assert torch.equal(ya, ya_before)              # B's replay did not write into A's output
+    ya2 = graph(xa2)
+    assert torch.equal(ya2, eager(xa2)) and ya2 is ya
+    assert len(captures) == 2
+
+
+def test_graph_cache_is_bounded_and_recaptures_evicted_shapes():
+    from fastattn_dist import block as block_mod
+
+    eager, graph, captures = graph_and_eager()
+    n = block_mod.MAX_GRAPHS
+    for i in range(n + 1):                         # one shape more than the cache holds
+        x = make_input(1, 5 + i, 64, seed=i)
+        assert torch.equal(graph(x), eager(x))
+    assert len(graph._graphs) == n and len(captures) == n + 1
+    x = make_input(1, 5, 64, seed=99)              # the oldest shape, evicted: captured again, still right
+    assert torch.equal(graph(x), eager(x))
+    assert len(captures) == n + 2 and len(graph._graphs) == n
+
+
+def test_graph_mode_takes_new_key_lengths_for_the_same_shape():
+    eager, graph, captures = graph_and_eager()
+    x = make_input(2, 13, 64)
+    for lengths in ([13, 4], [5, 13], [1, 2]):     # same shape and mask structure: one graph, new lengths copied in
+        assert torch.equal(graph(x, mask=KeyPadding(lengths)), eager(x, mask=KeyPadding(lengths))), lengths
+    assert len(captures) == 1
+
+
+def test_forward_never_describes_the_mask(monkeypatch):
+    """describe() reads key lengths (a device sync on GPUs): not for the hot path, graph mode or not."""
+    def boom(self):
+        raise AssertionError("Mask.describe called during forward")
+    monkeypatch.setattr(Mask, "describe", boom)
+    monkeypatch.setattr(Mask, "__repr__", boom)
+    eager, graph, _ = graph_and_eager(tiles="auto")
+    x = make_input(2, 11, 64)
+    for blk in (eager, graph):
+        for mask in ("causal", "none", SlidingWindow(4), KeyPadding([9, 3])):
+            for _ in range(2):
+                blk(x, mask=mask)
+
+
+def test_reference_block_memory_is_chunked():
+    """The float64 check works at any length the block runs: no S x S tensor (per head or in all)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    S, hidden, heads = 4096, 64, 2
+    w = make_weights(hidden, heads, heads)
+    x = make_input(1, S, hidden)
+    with Largest():
+        y = reference_block(x, *w, heads, heads, mask="causal", rope_theta=1e4)
+    assert y.shape == (1, S, hidden) and torch.isfinite(y).all()
+    assert Largest.numel <= S * S * heads // 8, Largest.numel   # the scores of a chunk of rows, not of all S

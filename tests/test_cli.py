@@ -1,18 +1,24 @@
 """The CLI as users run it: the demo (table and --json), and its errors."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import torch
+
+from conftest import run_cli
+from fastattn_dist import cli, runner
 
 SMALL = ["--seq", "96", "--hidden", "128", "--heads", "8", "--kv-heads", "4", "--repeats", "2", "--warmup", "0"]
 
 
-def run_cli(*args, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "fastattn_dist", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def main_in_process(argv, capsys):
+    """``cli.main(argv)`` here: (exit code, stdout, stderr), argparse's exits included."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 def test_demo_default_prints_table():
@@ -39,17 +45,14 @@ def test_demo_json(extra):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tiles", "0"], "tiles must be an int >= 1"),
-    (["--tiles", "many"], "tiles must be an int"),
+    (["--tiles", "many"], "tiles must be an int >= 1 or 'auto'"),                      # argparse
     (["--world-size", "4", "--heads", "6", "--kv-heads", "2", "--hidden", "96"], "divisible by the world size"),
-    (["--mask", "diagonal"], "unknown mask"),
-    (["--dtype", "int8"], "unknown dtype"),
-    (["--link-gbps", "0"], "bandwidth must be > 0"),
 ])
 def test_demo_bad_arguments(args, message):
+    """As a user's shell sees it (the in-process test below covers every value)."""
     r = run_cli("demo", *SMALL, *args, timeout=60)
     assert r.returncode == 2
-    assert message in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
 
 
@@ -66,3 +69,81 @@ def test_bench_quick_runs_every_variant_on_cpu(tmp_path):
         assert res["max_err_vs_t1"] < 1e-5 and res["max_err_vs_baseline"] < 1e-5
         assert res["runs"]["nccl_t3"]["tiles"] == 3 and res["runs"]["compute_t3"]["tile_tax"] > 0
     assert "| 2 | 256/8 | 2 | 301 |" in (tmp_path / "bench_tp2.md").read_text()
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
+BAD_VALUES = [
+    (["--mask", "sliding_window:0"], "window must be >= 1, got 0"),
+    (["--mask", "sliding_window:x"], "bad window in mask"),
+    (["--attn-backend", "foo"], "unknown attention backend 'foo'"),
+    (["--timeout-s", "0"], "argument --timeout-s: expected a finite number > 0"),
+    pytest.param(["--dist-backend", "nccl"], "--dist-backend nccl needs CUDA GPUs", marks=NO_GPU),
+    pytest.param(["--attn-backend", "cudnn"], "the cudnn attention backend needs a CUDA GPU", marks=NO_GPU),
+    (["--tiles", "0"], "tiles must be an int >= 1 or 'auto'"),
+    (["--tiles", "many"], "tiles must be an int >= 1 or 'auto'"),
+    (["--mask", "diagonal"], "unknown mask 'diagonal'"),
+    (["--world-size", "0"], "argument --world-size/-n: expected an int >= 1, got 0"),
+    (["--world-size", "3"], "num_heads (8) must be divisible by the world size (3)"),
+    (["--hidden", "40", "--heads", "8", "--kv-heads", "2"], "rotary embeddings need an even head_dim, got 5"),
+    (["--kv-heads", "3"], "must be divisible by num_kv_heads"),
+    (["--dtype", "int8"], "unknown dtype 'int8'"),
+    (["--link-gbps", "0"], "link bandwidth must be > 0"),
+    (["--launcher", "env"], "--launcher env needs torchrun, mpirun or Slurm"),
+]
+
+
+@pytest.mark.parametrize("command", ["demo", "profile"])
+@pytest.mark.parametrize("args,message", BAD_VALUES)
+def test_bad_values_fail_in_one_line_before_any_rank(args, message, command, capsys, monkeypatch, tmp_path):
+    def no_spawn(*a, **kw):
+        raise AssertionError("ranks were spawned for a bad value")
+    monkeypatch.setattr(runner, "spawn_ranks", no_spawn)
+    monkeypatch.chdir(tmp_path)  # profile's default --out must not be created here either
+    rc, out, err = main_in_process([command, *SMALL, *args], capsys)
+    assert rc == 2, err
+    assert message in err and err.startswith("fastattn-dist"), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert out == "" and os.listdir(tmp_path) == []
+
+
+def test_shapes_are_checked_against_the_launchers_world_size(monkeypatch):
+    """Under torchrun --world-size does not apply: 9 heads fit 3 ranks, although the option's default is 2."""
+    args = cli.build_parser().parse_args(["demo", "--hidden", "144", "--heads", "9", "--kv-heads", "3"])
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert cli.block_config(args, cli.launch_from_args(args)).world_size == 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"divisible by the world size \(2\)"):
+        cli.block_config(args, cli.launch_from_args(args))
+
+
+def test_demo_one_rank_says_there_is_no_comm_and_no_check(capsys):
+    """World size 1: no comm (exposed 0 in both runs, no speedup), and --no-check skips the reference."""
+    rc, out, err = main_in_process(["demo", "-n", "1", *SMALL, "--no-check", "--json"], capsys)
+    assert rc == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert "max_rel_err" not in s and "tiled_max_rel_err" not in s
+    assert s["sequential_exposed_comm_ms"] == 0.0 and s["tiled_exposed_comm_ms"] == 0.0
+    assert s["speedup"] is None
+    assert s["auto_chose_one_tile"] is True and s["num_tiles"] == 1   # auto never tiles one rank
+    rc, out, err = main_in_process(["demo", "-n", "1", *SMALL, "--no-check"], capsys)
+    assert rc == 0, err
+    assert "there is no comm to hide" in out and "not checked (--no-check)" in out
+    assert not any(line.startswith("speedup") for line in out.splitlines())   # no "speedup 1.00x" line
+
+
+def test_demo_json_reports_spread_and_whether_auto_chose_one_tile(capsys):
+    rc, out, err = main_in_process(["demo", *SMALL, "--repeats", "3", "--json"], capsys)
+    assert rc == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["auto_chose_one_tile"] == (s["config"]["tiles"] == "auto" and s["num_tiles"] == 1)
+    for run in ("sequential", "tiled"):
+        spread = s["spread"][run]
+        assert spread["min_ms"] <= spread["median_ms"] <= spread["max_ms"]
+        assert spread["median_ms"] == s[f"{run}_ms"]
+    if s["num_tiles"] == 1:
+        assert s["speedup"] is None
+    rc, out, err = main_in_process(["demo", *SMALL, "--tiles", "1", "--json"], capsys)
+    assert rc == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["auto_chose_one_tile"] is False and s["speedup"] is None   # the same block twice: no speedup

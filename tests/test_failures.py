@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastattn_dist import RankFailedError, spawn_ranks
-from rank_jobs import construct_block, die_on, forward_with, hang_on, pid_then_sleep, raise_on
+from rank_jobs import construct_block, die_on, disagreeing_inputs, forward_with, hang_on, pid_then_sleep, raise_on
 
 
 @pytest.mark.parametrize("job,args", [(raise_on, (1,)), (die_on, (1,)), (raise_on, (0,)), (die_on, (2,))],
@@ -63,3 +63,27 @@ def test_bad_forward_input_fails_on_every_rank():
     with pytest.raises(RankFailedError) as info:
         spawn_ranks(forward_with, 2, ((1, 0, 16), torch.float32, "causal"), timeout_s=30)
     assert all(s.startswith("ValueError") and "empty" in s for s, _ in info.value.errors.values())
+
+
+@pytest.mark.parametrize("world,odd", [(2, 1), (3, 0)], ids=["world2_rank1", "world3_rank0"])
+def test_ranks_with_different_inputs_all_fail_naming_the_odd_rank(world, odd):
+    """check_inputs=True: every rank raises a ValueError that names the rank that differs (against the
+    majority, so in a world of 3 rank 0 is the odd one), never a hang or a dead rank (spawn_ranks would
+    raise RankFailedError)."""
+    t0 = time.monotonic()
+    results = spawn_ranks(disagreeing_inputs, world, (odd,), timeout_s=30)
+    assert time.monotonic() - t0 < 60
+    others = [r for r in range(world) if r != odd]
+    what = {"seq": "shape", "mask": "mask", "window": "mask", "key_lengths": "key_lengths",
+            "input": "input_checksum", "rows_swapped": "input_checksum"}
+    for rank, (messages, calls) in enumerate(results):
+        for case, key in what.items():
+            msg = messages[case]
+            assert msg is not None, (rank, case)
+            assert msg.startswith("ranks disagree on the block's input") and f"({key})" in msg, (rank, case, msg)
+            assert f"rank {odd} has {key}=" in msg, (rank, case, msg)
+            if world == 3:
+                assert f"ranks {others[0]}, {others[1]} have {key}=" in msg, msg
+            assert calls[case] == 1
+        assert messages["equal"] is None and calls["equal"] == 2   # two shapes: one check each
+        assert messages["attend"] is None and calls["attend"] == 1

@@ -1,7 +1,7 @@
 """The overlap profiler: metrics on hand-made spans, trace schema, PNG, bad inputs, zero cost when off, CLI."""
+import errno
 import json
 import os
-import subprocess
 import sys
 from contextlib import contextmanager
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastattn_dist as fa
+from conftest import run_cli
 from fastattn_dist.parallel.comm import CommHandle
 from fastattn_dist.profiler import recorder as recorder_mod
 from fastattn_dist.profiler.export import chrome_trace, write_outputs
@@ -209,7 +210,46 @@ def test_unwritable_out_fails_before_ranks_start(tmp_path):
     r = run_cli("profile", "--out", str(blocker / "sub"), *SMALL, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "is not a writable directory" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "[profile]" not in r.stderr  # no rank ran
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["open", "replace"])
+def test_full_disk_while_writing_is_a_value_error(tmp_path, monkeypatch, where):
+    from fastattn_dist.profiler import export
+
+    if where == "open":
+        monkeypatch.setattr(export, "open", no_space, raising=False)
+    else:
+        monkeypatch.setattr(export.os, "replace", no_space)
+    with pytest.raises(ValueError, match=f"could not write the profile to {tmp_path}: No space left on device"):
+        write_outputs(str(tmp_path), {"a.json": b"1", "b.json": b"2"})
+    assert os.listdir(tmp_path) == []  # no temporaries left behind
+
+
+def test_cli_profile_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """The disk fills up after the ranks ran: exit code 2 and one line, not an OSError traceback."""
+    from fastattn_dist import cli
+    from fastattn_dist.profiler import export
+
+    monkeypatch.setattr(export, "open", no_space, raising=False)
+    rc = cli.main(["profile", "-n", "1", "--out", str(tmp_path), *SMALL, "--repeats", "1", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"fastattn-dist: error: could not write the profile to {tmp_path}: No space left on device\n"
+
+
+def test_cli_profile_one_rank_prints_no_speedup(tmp_path):
+    """Two identical 1-tile runs: their ratio is noise, so no speedup, and the report says why."""
+    r = run_cli("profile", "-n", "1", "--out", str(tmp_path), *SMALL, "--repeats", "1", "--warmup", "0")
+    assert r.returncode == 0, r.stderr
+    assert "no comm at world size 1" in r.stdout
+    assert "speedup" not in r.stdout
+    assert "speedup" not in json.loads((tmp_path / "metrics.json").read_text())
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -321,12 +361,6 @@ def test_torch_profiler_recorder_puts_ranges_in_the_trace(tmp_path):
 
 
 # -- the CLI end to end --------------------------------------------------------------------------------------
-def run_cli(*args, timeout=180):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "fastattn_dist", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 def test_cli_profile_compare_end_to_end(tmp_path):
     out = tmp_path / "prof"
     r = run_cli("profile", "--out", str(out), "--compare", "--torch-profiler", "--tiles", "3", *SMALL)
@@ -359,3 +393,18 @@ def test_render_without_matplotlib_skips_only_the_png(monkeypatch):
     assert sorted(files) == ["metrics.json", "trace.json"]
     assert summary["timeline_png"].startswith("not written: matplotlib")
     assert json.loads(files["metrics.json"])["shown_runs"] == ["tiled"]
+
+
+def test_render_one_tile_plan_has_no_speedup():
+    """A tiled run of one tile is the sequential block again: no speedup in the report or the files."""
+    from dataclasses import replace
+
+    from fastattn_dist.profiler.report import render
+
+    seq = sequential(0) + sequential(1, off=3)
+    tiled = [replace(s, run="tiled", start_us=s.start_us + 200, end_us=s.end_us + 200,
+                     issue_us=None if s.issue_us is None else s.issue_us + 200) for s in seq]
+    prof = Profile(2, seq + tiled, [ClockOffset(0, 0.0, 0.0), ClockOffset(1, 0.0, 5.0)], "gloo", {})
+    files, summary = render(prof, True, {})
+    assert "speedup" not in summary and "one tile" in summary["note"]
+    assert json.loads(files["trace.json"])["otherData"]["speedup"] is None

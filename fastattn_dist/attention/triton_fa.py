@@ -20,6 +20,7 @@ Softmax runs in base 2: log2(e) is folded into the scale so each score costs one
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from typing import Optional
@@ -268,23 +269,26 @@ def _prune(configs, nargs, **kw):
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-_SMEM = {}
-_MAJOR = {}
+def _index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _major_of(idx: int) -> int:
+    return torch.cuda.get_device_capability(idx)[0]
 
 
 def _capability_major(device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _MAJOR:
-        _MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
-    return _MAJOR[idx]
+    return _major_of(_index(device))
+
+
+@functools.cache
+def _smem_of(idx: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
 
 
 def _max_smem(device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM:
-        props = triton.runtime.driver.active.utils.get_device_properties(idx)
-        _SMEM[idx] = props["max_shared_mem"]
-    return _SMEM[idx]
+    return _smem_of(_index(device))
 
 
 _KEY = ["TUNE_Q", "TUNE_K", "TUNE_BH", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KEY_LENGTHS", "RETURN_LSE",

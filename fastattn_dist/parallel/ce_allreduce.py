@@ -1,6 +1,6 @@
 """All-reduce of a tile through copy engines: symmetric memory, pull-based, intra-node only.
 
-NCCL's all-reduce kernels occupy SMs that the next tile's attention wants (NOTES.md, cause 2).
+NCCL's all-reduce kernels occupy SMs that the next tile's attention wants (the SM share in docs/tiling.md).
 Here the o_proj partials are written straight into a symmetric buffer that every rank of the node
 can address, and per tile, on the comm stream:
 

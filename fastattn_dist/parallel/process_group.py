@@ -51,7 +51,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _env_int(*names: str) -> Optional[int]:
+def env_int(*names: str) -> Optional[int]:
+    """The first of these environment variables that is set and not empty, as an int (None if none is)."""
     for n in names:
         v = os.environ.get(n)
         if v not in (None, ""):
@@ -83,9 +84,9 @@ def require_launcher() -> str:
 
 
 def _mpi_rank_world() -> tuple[int, int, int]:
-    rank = _env_int("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
-    world = _env_int("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
-    local = _env_int("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+    rank = env_int("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+    world = env_int("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+    local = env_int("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
     if rank is None or world is None:
         raise RuntimeError("MPI launch detected but rank/size variables are missing")
     return rank, world, local if local is not None else 0
@@ -140,11 +141,11 @@ def init_distributed(backend: Optional[str] = None, *, rank: Optional[int] = Non
         if not (0 <= rank < world_size):
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         found = launcher or "explicit"
-        env_local = _env_int("LOCAL_RANK")
+        env_local = env_int("LOCAL_RANK")
         local_rank = rank if env_local is None else env_local
     elif found == "torchrun":
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = _env_int("LOCAL_RANK") or 0
+        local_rank = env_int("LOCAL_RANK") or 0
     elif found in ("mpi", "slurm"):
         rank, world_size, local_rank = _mpi_rank_world()
         master_addr, master_port = (master_addr, master_port) if master_addr and master_port else _mpi_rendezvous(rank)
@@ -152,7 +153,7 @@ def init_distributed(backend: Optional[str] = None, *, rank: Optional[int] = Non
         rank, world_size, found = 0, 1, "single"
 
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-    master_port = master_port or _env_int("MASTER_PORT")
+    master_port = master_port or env_int("MASTER_PORT")
     if master_port is None and world_size > 1:
         raise RuntimeError("no rendezvous port: set MASTER_PORT (torchrun and our launchers do this)")
 

@@ -6,7 +6,7 @@
   export.py    Chrome Trace Event Format JSON; all-or-nothing file writing
   plot.py      the PNG timeline
   job.py       what each rank runs for ``fastattn-dist profile``
-  cli.py       the ``profile`` subcommand
+  report.py    the files and the printed report of ``fastattn-dist profile``
 """
 from .gather import ClockOffset, Profile, estimate_clock_offsets, gather_profile
 from .metrics import compute_metrics, validate

@@ -8,6 +8,7 @@ from each tile's o_proj to its all-reduce. Each run's time starts at 0 (its firs
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -95,7 +96,9 @@ def check_writable(out_dir: str) -> str:
 
 
 def write_outputs(out_dir: str, files: Dict[str, bytes]) -> List[str]:
-    """Write every file to a temporary name first, then rename them all: no half-written outputs."""
+    """Write every file to a temporary name first, then rename them all: no half-written outputs.
+
+    A full disk or a folder that went away is a ValueError with one line (the CLI's exit code 2)."""
     path = check_writable(out_dir)
     temps = {}
     try:
@@ -106,10 +109,12 @@ def write_outputs(out_dir: str, files: Dict[str, bytes]) -> List[str]:
                 f.write(data)
         for name, tmp in temps.items():
             os.replace(tmp, os.path.join(path, name))
-    except BaseException:
+    except BaseException as e:
         for tmp in temps.values():
-            if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ValueError(f"could not write the profile to {path}: {e.strerror or e}") from None
         raise
     return [os.path.join(path, n) for n in files]
 

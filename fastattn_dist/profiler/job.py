@@ -7,12 +7,10 @@ recorded calls, each after a barrier so the ranks start together. Rank 0 returns
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
 
-from ..masks import resolve_mask
-from ..runner import barrier, job_device, sync
-from ..workload import BlockConfig, build_block
+from ..runner import barrier, sync
+from ..workload import BlockConfig, start_rank
 from .gather import estimate_clock_offsets, gather_profile
 from .recorder import SpanRecorder, TorchProfilerRecorder
 
@@ -66,14 +64,8 @@ def torch_profile(block, x, mask, tiles, path: str) -> str:
 def profile_rank(rank: int, world_size: int, cfg: BlockConfig, opts: Optional[dict] = None) -> Optional[dict]:
     """Everything one rank does for ``profile``. Needs the process group initialised (any launcher)."""
     opts = opts or {}
-    device = job_device()
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (cfg.verbose and rank == 0) else None
-    mask = resolve_mask(cfg.mask)
-    block, x, _ = build_block(cfg, device)
-    plan = block.plan_for(cfg.batch, cfg.seq, mask)
-    if log:
-        log(f"[profile] {world_size} ranks, {cfg.describe()}")
-        log(f"[profile] tile plan ({cfg.tiles}): {plan.num_tiles} tiles, rows {list(plan.bounds)}")
+    w = start_rank(cfg, rank, world_size, "profile")
+    device, log, mask, block, x, plan = w.device, w.log, w.mask, w.block, w.x, w.plan
     rec = SpanRecorder(rank, device)
     record_runs(block, x, mask, (("sequential", 1), ("tiled", cfg.tiles)), cfg.warmup, cfg.repeats, rec, log)
     spans = rec.spans()

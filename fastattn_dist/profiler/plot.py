@@ -15,8 +15,12 @@ from .gather import Profile
 from .metrics import subtract
 from .recorder import BLOCK, COMM, COMPUTE
 
-COLORS = {"qkv": "#9a9a9a", "attention": ("#3f6fb5", "#7fa3d9"), "o_proj": "#e08a3c",
+COLORS = {"qkv": "#9a9a9a", "embed": "#9a9a9a", "attention": ("#3f6fb5", "#7fa3d9"), "o_proj": "#e08a3c",
+          "mlp": ("#7b5aa6", "#a98fcb"), "down_proj": "#c9a227",
           "hidden": "#4f9d5b", "exposed": "#d1443f", "block": "#f1f1f1"}
+LABELS = {"qkv": "qkv projection", "embed": "embedding", "attention": "attention (tile tN)", "o_proj": "o_proj",
+          "mlp": "MLP gate/up (tile tN)", "down_proj": "MLP down_proj"}
+TILED = ("attention", "mlp")  # the spans labelled with their tile
 LANE_H, RANK_GAP = 0.8, 0.7
 
 
@@ -67,7 +71,7 @@ def timeline_png(profile: Profile, metrics: dict, runs: Optional[Sequence[str]] 
                         c = c[s.tile % 2] if s.tile >= 0 else c[0]
                     ax.broken_barh([(x(s.start_us), w)], (y_comp, LANE_H), facecolors=c, edgecolors="white",
                                    linewidth=0.4, zorder=2)
-                    if s.name == "attention" and s.tile >= 0 and w > xmax * 0.018:
+                    if s.name in TILED and s.tile >= 0 and w > xmax * 0.018:
                         ax.text(x(s.start_us) + w / 2, y_comp + LANE_H / 2, f"t{s.tile}", ha="center",
                                 va="center", fontsize=7, color="white", zorder=4)
                 elif s.lane == COMM:
@@ -92,13 +96,14 @@ def timeline_png(profile: Profile, metrics: dict, runs: Optional[Sequence[str]] 
         ax.set_title(f"{run}: {m['tiles']} tile{'s' if m['tiles'] != 1 else ''}, block {m['block_ms']:.2f} ms, "
                      f"exposed comm {m['exposed_comm_ms']:.2f} ms, overlap "
                      f"{'-' if ov is None else f'{100 * ov:.0f}%'}", fontsize=9)
-    handles = [Patch(color=COLORS["qkv"], label="qkv projection"),
-               Patch(color=COLORS["attention"][0], label="attention (tile tN)"),
-               Patch(color=COLORS["o_proj"], label="o_proj"),
-               Patch(color=COLORS["hidden"], label="all-reduce, hidden by compute"),
+    present = {s.name for s in profile.spans if s.lane == COMPUTE}
+    handles = [Patch(color=c[0] if isinstance(c, tuple) else c, label=LABELS[name])
+               for name, c in COLORS.items() if name in LABELS and name in present]
+    handles += [Patch(color=COLORS["hidden"], label="all-reduce, hidden by compute"),
                Patch(facecolor=COLORS["exposed"], edgecolor="#7a1f1c", hatch="///", label="all-reduce, exposed"),
                Patch(facecolor=COLORS["block"], edgecolor="#c8c8c8", label="block (gaps: bubble)")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=6 if width >= 14 else 3, fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8 if width >= 14 else 4), fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     buf = io.BytesIO()

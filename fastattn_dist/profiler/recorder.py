@@ -110,7 +110,8 @@ class SpanRecorder:
             if h.issue_time is None:  # world size 1: nothing was sent
                 continue
             start = h.link_start if h.link_start is not None else h.issue_time
-            # gloo runs one group's collectives in order: a transfer starts once the previous one ended.
+            # Drawn as one queue, in issue order: a transfer starts once the previous one ended (gloo may run
+            # two at once on its two threads; the union of the spans, so every metric, is the same either way).
             if prev_end is not None and start < prev_end:
                 start = prev_end
             end = h.end_time if h.end_time is not None else start

@@ -12,10 +12,11 @@ from .export import chrome_trace, dumps
 from .gather import Profile
 from .metrics import compute_metrics, format_runs, format_tiles
 
+
 def title_for(prof: Profile, metrics: dict) -> str:
     meta = prof.meta
     runs = metrics["runs"]
-    head = f"TP attention, {prof.world_size} ranks ({prof.backend}, {meta.get('device', '?')}): {meta.get('describe', '')}"
+    head = f"{meta.get('what', 'TP attention')}, {prof.world_size} ranks ({prof.backend}, {meta.get('device', '?')}): {meta.get('describe', '')}"
     if prof.world_size == 1:
         tail = "one rank: no comm to hide, " + ", ".join(f"{r} {m['block_ms']:.2f} ms" for r, m in runs.items())
     elif "speedup" in metrics:
@@ -33,9 +34,13 @@ def render(prof: Profile, compare: bool, config: dict) -> Tuple[Dict[str, bytes]
     metrics.json and the printed report say so.
     """
     metrics = compute_metrics(prof.spans, prof.world_size)
-    if prof.world_size == 1:  # two runs of the same work: their ratio is noise, not a speedup
+    # two runs of the same work: their ratio is noise, not a speedup
+    if prof.world_size == 1:
         metrics.pop("speedup", None)
         metrics["note"] = "no comm at world size 1: tiling has nothing to hide"
+    elif metrics["runs"].get("tiled", {}).get("tiles") == 1:
+        metrics.pop("speedup", None)
+        metrics["note"] = "the plan has one tile: 'tiled' is the sequential block, so there is no speedup to show"
     shown: List[str] = [r for r in prof.runs() if compare or r == "tiled"] or prof.runs()
     title = title_for(prof, metrics)
     try:

@@ -98,6 +98,8 @@ class Rotary:
             cos, sin = cos[:S][None, :, None, :], sin[:S][None, :, None, :]
         else:
             # positions on a GPU are not read back (no sync): ``reserve`` must have built tables covering them
+            if positions.device.type != "cpu" and self._reserved == 0:
+                raise ValueError("rotary positions on a GPU need reserve(max_position) first (they are not read back)")
             need = int(positions.max()) + 1 if positions.device.type == "cpu" else self._reserved
             cos, sin = self.tables(need, x.device, cdt)
             idx = positions.to(x.device)

@@ -140,6 +140,66 @@ def _advance(t: float, work: float, busy: List[Tuple[float, float]], f: float) -
     return t + max(work, 0.0)
 
 
+@dataclass(frozen=True)
+class LayerCost(BlockCost):
+    """One decoder layer of a TP model: attention (q/k/v, attention, o_proj), then the MLP (gate/up, down).
+    Each sublayer ends in an all-reduce of its rows; every sublayer of a prefill runs the same tiles."""
+
+    kv_heads: int = 0
+    intermediate: int = 0  # this rank's share
+
+    def row_costs(self, mask: Mask, profile: DeviceProfile) -> torch.Tensor:
+        proj = 2.0 * self.hidden * self.head_dim * (self.local_heads + 2 * self.kv_heads) \
+            + 2.0 * 3 * self.hidden * self.intermediate
+        return super().row_costs(mask, profile) + (proj / profile.gemm_flops)
+
+    def sublayer_row_costs(self, mask: Mask, profile: DeviceProfile) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(attention sublayer, MLP sublayer) cost of each row."""
+        qkvo = 2.0 * self.hidden * self.head_dim * (2 * self.local_heads + 2 * self.kv_heads)
+        mlp = 2.0 * 3 * self.hidden * self.intermediate
+        attn = super().row_costs(mask, profile) - 2.0 * self.local_heads * self.head_dim * self.hidden / profile.gemm_flops
+        return attn + qkvo / profile.gemm_flops, torch.full_like(attn, mlp / profile.gemm_flops)
+
+
+def simulate_stack(plan: TilePlan, cost: LayerCost, mask: Mask, layers: int, profile: DeviceProfile,
+                   link: Optional[LinkModel] = None, comm_model=None) -> Prediction:
+    """Predicted time of a whole prefill: ``layers`` x (attention, MLP) sublayers on one plan; tile i of a
+    sublayer starts when the previous tile is computed and its own rows of the previous sublayer are
+    all-reduced; the all-reduces queue on one link; the prefill ends with the last one."""
+    costs = [torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(c, 0)])
+             for c in cost.sublayer_row_costs(mask, profile)]
+    comm = [cost.allreduce_s(r1 - r0, profile, link, comm_model) for r0, r1 in plan.ranges]
+    t = link_free = total_compute = 0.0
+    ready = [0.0] * plan.num_tiles  # when tile i's rows of the previous sublayer were reduced
+    for _ in range(layers):
+        for cum in costs:
+            for i, (r0, r1) in enumerate(plan.ranges):
+                c = float(cum[r1] - cum[r0]) + (profile.tile_overhead_s if i > 0 else 0.0)
+                t = max(t, ready[i]) + c
+                total_compute += c
+                link_free = max(t, link_free) + comm[i]
+                ready[i] = link_free
+    block = max(t, max(ready))
+    return Prediction(plan, block, total_compute, sum(comm) * 2 * layers, block - total_compute)
+
+
+def choose_stack_plan(cost: LayerCost, mask: Mask, layers: int, *, profile: DeviceProfile,
+                      link: Optional[LinkModel] = None, options: TilePlanOptions = TilePlanOptions(),
+                      comm_model=None) -> Prediction:
+    """``tiles="auto"`` for a model's prefill: the cost-balanced plan (small last tile: the last all-reduce is
+    the one left exposed) of the tile count ``simulate_stack`` predicts fastest; one tile unless it gains."""
+    row_cost = cost.row_costs(mask, profile)
+    single = simulate_stack(TilePlan.single(int(row_cost.numel())), cost, mask, layers, profile, link, comm_model)
+    if cost.world_size == 1:
+        return single
+    best = single
+    for plan in candidate_plans(row_cost, options, max(options.min_tile_rows, profile.min_tile_rows))[1:]:
+        pred = simulate_stack(plan, cost, mask, layers, profile, link, comm_model)
+        if pred.block_s < best.block_s:
+            best = pred
+    return single if best.block_s > single.block_s * (1.0 - options.min_gain) else best
+
+
 def simulate(plan: TilePlan, row_cost: torch.Tensor, cost: BlockCost, profile: DeviceProfile,
              link: Optional[LinkModel], comm_model=None, compute_s: Optional[float] = None,
              sm_fraction: float = 0.0) -> Prediction:

@@ -77,6 +77,7 @@ def test_supports():
     assert not cudnn_split.supports(q, k, Causal(), 0, True)          # the caller wants the LSE
     assert not cudnn_split.supports(q, k, SlidingWindow(8), 0, False)
     assert not cudnn_split.supports(q, k, KeyPadding([64]), 0, False)
-    assert not cudnn_split.supports(q, t(1, 64, 2, 128), Causal(), 0, False)   # GQA
+    assert cudnn_split.supports(q, t(1, 64, 2, 128), Causal(), 0, False)       # GQA: K/V repeated for the call
+    assert not cudnn_split.supports(q, t(1, 64, 3, 128), Causal(), 0, False)   # 4 heads over 3 kv heads
     assert not cudnn_split.supports(t(1, 16, 4, 128, dtype=torch.float32), k.float(), Causal(), 0, False)
     assert not cudnn_split.supports(t(1, 16, 4, 96), t(1, 64, 4, 96), Causal(), 0, False)

@@ -33,7 +33,7 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, bool],
 
 def supports(q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return_lse: bool) -> bool:
     """Whether a call can go to cuDNN whole (the rest goes to the Triton kernel)."""
-    if return_lse or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != k.shape[2]:
+    if return_lse or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] % k.shape[2]:
         return False
     if q.shape[3] not in (64, 128) or mask.key_lengths is not None or mask.window is not None:
         return False
@@ -43,7 +43,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return
 
 def cudnn_attend(q, k, v, causal: bool, scale: float, want_lse: bool):
     """One cuDNN call on [B, S, H, D] views; its output stays in cuDNN's [B, H, Sq, D] memory. The LSE
-    is computed only when a merge needs it (single-call tiles skip writing it)."""
+    is computed only when a merge needs it (single-call tiles skip writing it). GQA: the call gets K/V
+    with each kv head repeated for its query heads (a copy of the keys it reads, small beside the call)."""
+    if k.shape[2] != q.shape[2]:
+        g = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, want_lse, 0.0, causal, False, scale=scale)
     lse = res[1].reshape(q.shape[0], q.shape[2], q.shape[1]) if want_lse else None

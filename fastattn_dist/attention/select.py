@@ -4,7 +4,7 @@
 kernel, devices.py). ``kernel_for`` then takes the call itself into account: where the chosen kernel
 cannot take it, the call goes to the next kernel of a fixed chain, and nowhere else:
 
-    cudnn  -> triton   windows, key lengths, GQA, fp32/fp64, an LSE for the caller, head_dim not 64/128
+    cudnn  -> triton   windows, key lengths, fp32/fp64, an LSE for the caller, head_dim not 64/128
     triton -> torch    float64 (no tensor-core path worth having)
     sdpa   -> torch    an LSE for the caller (SDPA's public API returns none)
 

@@ -38,10 +38,10 @@ from .comm import CommHandle, comm_stream
 MEASURED_FITS = {2: (78.0, 310.0), 4: (131.0, 347.0)}
 PATHS = ("nccl", "copy_engine")
 CE_STREAMS = 4  # copy streams of the copy-engine stand-in
-# Local device-to-device copies ran at ~213 GB/s on an H100 (2026-11-25), slower than the modelled links for
-# large tiles: the copy-engine stand-in copies at most what this rate moves in the modelled time, so its
+# Local device-to-device copies ran at 170-213 GB/s on an H100 (2026-11-25), slower than the modelled links
+# for large tiles: the copy-engine stand-in copies at most what 100 GB/s moves in the modelled time, so its
 # length stays the model's (its copies stand for the memory traffic, not the timing).
-CE_COPY_BYTES_S = 200e9
+CE_COPY_BYTES_S = 100e9
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""Decode attention: a few query rows per sequence against a long KV cache, lengths on the device.
+
+``decode_attention(q, k_cache, v_cache, kv_len)``: q ``[B, Sq, Hq, D]`` (Sq new tokens, the last ones of
+each sequence), caches ``[B, L, Hkv, D]`` of which sequence b holds ``kv_len[b]`` tokens (its new ones
+included). Query row i of sequence b sits at position ``kv_len[b] - Sq + i`` and sees keys up to its own
+(and, with ``window``, the last ``window`` of them). ``kv_len`` stays on the device and is never read
+back on a GPU, so a decode step can be captured as a CUDA graph.
+
+Kernels: one row per sequence on CUDA (or under TRITON_INTERPRET=1) goes to a split-K Triton kernel
+(flash-decoding): programs over (sequence, kv head, key split), each holding the kv head's G query heads
+as the rows of one tile (GQA: K/V read once per group), writing a partial output and its log-sum-exp;
+a combine pass weighs the splits. Splits are sized from the cache's length, so the grid never changes
+between steps; splits past a sequence's length return at once. Elsewhere the PyTorch kernel runs.
+Windows and several query rows with sequences of different lengths need per-sequence offsets: those
+go one sequence at a time.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..masks import Mask
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor, *,
+                     window: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+    B, Sq = q.shape[:2]
+    if Sq == 1 and window is None:  # one row per sequence sees all its keys: key lengths are the whole mask
+        if split_kernel_runs(q):
+            return split_decode(q, k_cache, v_cache, kv_len, scale)
+        return _run(q, k_cache, v_cache, Mask(False, None, kv_len), 0, scale)
+    # per-sequence offsets: one call per sequence (rare: windows, or several new rows per sequence)
+    lens = kv_len.tolist()
+    out = torch.empty_like(q)
+    for b, n in enumerate(lens):
+        mask = Mask(True, window, None)
+        out[b:b + 1] = _run(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], mask, n - Sq, scale)
+    return out
+
+
+def split_kernel_runs(q: torch.Tensor) -> bool:
+    if q.dtype == torch.float64 or q.shape[3] not in (16, 32, 64, 128, 256):
+        return False
+    if q.is_cuda:
+        return True
+    from .triton_fa import INTERPRETED
+    return INTERPRETED
+
+
+def num_splits(batch: int, kv_heads: int, cache_len: int, sms: int) -> int:
+    """Enough programs for about two waves, each split at least 256 keys."""
+    want = max(1, -(-2 * sms // max(1, batch * kv_heads)))
+    return max(1, min(want, -(-cache_len // 256)))
+
+
+def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor,
+                 scale: Optional[float] = None, splits: Optional[int] = None) -> torch.Tensor:
+    """The split-K kernel and its combine; q ``[B, 1, Hq, D]``, caches ``[B, L, Hkv, D]`` (unit last stride)."""
+    import triton
+
+    from .triton_decode import LOG2E, combine_kernel, split_kernel
+    from .triton_fa import INTERPRETED
+
+    B, _, Hq, D = q.shape
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        splits = num_splits(B, Hkv, L, sms)
+    block_n = 64 if D <= 128 else 32
+    split_len = -(-(-(-L // splits)) // block_n) * block_n
+    splits = -(-L // split_len)
+    op = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    lp = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    for t in (q, k_cache, v_cache):
+        if t.stride(3) != 1:
+            raise ValueError("decode attention needs a unit stride on head_dim")
+    dot_prec = "ieee" if q.dtype == torch.float32 and (INTERPRETED or not torch.backends.cuda.matmul.allow_tf32) \
+        else "tf32"
+    split_kernel[(B * Hkv, splits)](
+        q, k_cache, v_cache, kv_len, op, lp, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), op.stride(0), op.stride(1),
+        op.stride(2), lp.stride(0), lp.stride(1), lp.stride(2), Hkv, split_len, scale * LOG2E,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, DOT_PREC=dot_prec,
+        INTERPRET=INTERPRETED, num_warps=4)
+    # every sequence holds >= 1 key, so one split at least has a finite lse
+    out = torch.empty(B, 1, Hq, D, dtype=q.dtype, device=q.device)
+    combine_kernel[(B * Hq,)](op, lp, out, op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
+                              lp.stride(2), out.stride(0), out.stride(2), Hq, splits, D=D,
+                              S_PAD=triton.next_power_of_2(splits), num_warps=1)
+    return out
+
+
+def _run(q, k, v, mask: Mask, q_offset: int, scale):
+    if q.is_cuda and q.dtype != torch.float64:
+        from .triton_fa import triton_attention
+        return triton_attention(q, k, v, mask, q_offset=q_offset, scale=scale)
+    from .tiled import tiled_attention
+    if mask.key_lengths is not None:  # the CPU kernel skips blocks past the longest sequence
+        longest = int(mask.key_lengths.max())
+        k, v = k[:, :longest], v[:, :longest]
+    return tiled_attention(q, k, v, mask, q_offset=q_offset, scale=scale, block_k=512)

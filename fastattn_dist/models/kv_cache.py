@@ -1,0 +1,40 @@
+"""The KV cache of a TP decoder: per layer ``[batch, max_seq_len, local_kv_heads, head_dim]`` keys and values.
+
+Preallocated once per (batch, max_seq_len); ``lengths`` (int64, on the cache's device) counts the tokens
+each sequence holds, so decode steps append at a per-sequence position without a host sync (CUDA-graph
+safe). Prefill writes a block of positions for every sequence at once.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, max_seq_len, kv_heads, head_dim)
+        self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.batch, self.max_seq_len = batch, max_seq_len
+        self._rows = torch.arange(batch, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    def write_block(self, layer: int, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values ``[b1 - b0, n, kv_heads, head_dim]`` at positions [start, start + n) of sequences b0..b1-1."""
+        n = k.shape[1]
+        self.k[layer][b0:b1, start:start + n] = k
+        self.v[layer][b0:b1, start:start + n] = v
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One new token per sequence (``[batch, 1, kv_heads, head_dim]``) at each sequence's own length."""
+        self.k[layer].index_put_((self._rows, self.lengths), k[:, 0])
+        self.v[layer].index_put_((self._rows, self.lengths), v[:, 0])

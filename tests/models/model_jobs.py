@@ -1,0 +1,35 @@
+"""What spawned ranks run in the model tests (module level, so spawn can import it)."""
+from __future__ import annotations
+
+import torch
+
+from fastattn_dist.config import LinkModel
+
+
+def model_outputs(rank, world, path, prompts, lengths, steps, tile_counts, link):
+    """Prefill logits (every tile count), the cache's last logits, then ``steps`` greedy decode steps."""
+    from fastattn_dist.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, tiles=1,
+                                             link=LinkModel(*link) if link else None)
+    ids = torch.tensor(prompts)
+    out = {"prefill": {}}
+    for t in tile_counts:
+        out["prefill"][t] = model(ids, lengths=lengths, tiles=t)
+        out.setdefault("plans", {})[t] = model.last_plan.bounds
+    B, S = ids.shape
+    model.reset_cache(B, S + steps + 1)
+    logits = model.prefill(ids, lengths)
+    decode = [logits]
+    tok = logits.argmax(-1)
+    toks = [tok.tolist()]
+    for _ in range(steps):
+        logits = model.decode_step(tok)
+        decode.append(logits)
+        tok = logits.argmax(-1)
+        toks.append(tok.tolist())
+    out["decode_logits"] = decode
+    out["tokens"] = toks
+    out["generate"] = model.generate(prompts if lengths is None else
+                                     [p[:n] for p, n in zip(prompts, lengths)], steps + 1, stop_tokens=[])
+    return out

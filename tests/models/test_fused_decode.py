@@ -1,0 +1,98 @@
+"""The GPU decode path (fused Triton kernels) run on CPU tensors under TRITON_INTERPRET=1, against the plain
+PyTorch decode path that matches transformers (test_llama.py): the same logits and the same cache."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("interpreter tests: set TRITON_INTERPRET=1 (the GPU checks are in tests/gpu)", allow_module_level=True)
+for mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_decode",
+            "fastattn_dist.models.triton_fused"):
+    if mod in sys.modules:  # imported earlier without the interpreter: rebuild
+        importlib.reload(sys.modules[mod])
+
+from fastattn_dist.models import triton_fused as tf  # noqa: E402
+from fastattn_dist.models.llama import LlamaForCausalLM, rms_norm  # noqa: E402
+from fastattn_dist.models.tiny import tiny_checkpoint  # noqa: E402
+from fastattn_dist.rope import Rotary  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_add_rms_norm_matches_the_torch_lines(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 96, generator=g).to(dtype)
+    d = torch.randn(5, 96, generator=g).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    want_h = h + (d + bias)
+    want = rms_norm(want_h, w, 1e-5)
+    got_h = h.clone()
+    got = tf.add_rms_norm(got_h, w, 1e-5, delta=d, bias=bias)
+    assert torch.allclose(got_h.float(), want_h.float(), atol=tol) and torch.allclose(got.float(), want.float(), atol=tol)
+    plain = tf.add_rms_norm(h.clone(), w, 1e-5)  # no residual: only the norm
+    assert torch.allclose(plain.float(), rms_norm(h, w, 1e-5).float(), atol=tol)
+
+
+def test_rope_append_rotates_and_writes_the_cache_at_each_position():
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, D, L = 3, 4, 2, 16, 12
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=g)
+    pos = torch.tensor([0, 5, 11])
+    rot = Rotary(D, 10000.0)
+    cos, sin = rot.tables(L, torch.device("cpu"), torch.float32)
+    kc, vc = torch.zeros(B, L, Hkv, D), torch.zeros(B, L, Hkv, D)
+    q = tf.rope_append(qkv, cos, sin, pos, kc, vc, Hq, Hkv)
+    q_ref, k_ref, v_ref = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+    assert torch.allclose(q, rot.apply(q_ref.view(B, 1, Hq, D), pos[:, None]), atol=1e-6)
+    for b, p in enumerate(pos.tolist()):
+        assert torch.allclose(kc[b, p], rot.apply(k_ref.view(B, 1, Hkv, D), pos[:, None])[b, 0], atol=1e-6)
+        assert torch.equal(vc[b, p], v_ref.view(B, Hkv, D)[b])
+        others = [i for i in range(L) if i != p]
+        assert kc[b, others].abs().sum() == 0 and vc[b, others].abs().sum() == 0  # nothing else written
+
+
+def test_silu_mul():
+    gu = torch.randn(4, 2 * 1500)
+    g, u = gu.chunk(2, -1)
+    assert torch.allclose(tf.silu_mul(gu), torch.nn.functional.silu(g) * u, atol=1e-6)
+
+
+def test_fused_decode_steps_equal_the_torch_path():
+    """Ten decode steps of the tiny model through both paths, from the same prefill: logits and caches agree."""
+    path = tiny_checkpoint()
+    ids = torch.tensor([[1, 40, 77, 13, 99, 7, 300], [1, 5, 9, 0, 0, 0, 0]])
+    lengths = [7, 3]
+    runs = []
+    for fused in (False, True):
+        m = LlamaForCausalLM.from_pretrained(path)
+        m.reset_cache(2, 32)
+        tok = m.prefill(ids, lengths).argmax(-1)
+        logits = []
+        for _ in range(10):
+            out = m._decode_step_fused(tok) if fused else m.decode_step(tok)
+            logits.append(out)
+            tok = out.argmax(-1)
+        runs.append((torch.stack(logits), m.cache))
+    (ref, ref_cache), (got, got_cache) = runs
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    assert torch.equal(got_cache.lengths, ref_cache.lengths)
+    for li in range(len(ref_cache.k)):
+        assert torch.allclose(got_cache.k[li], ref_cache.k[li], atol=1e-5)
+        assert torch.allclose(got_cache.v[li], ref_cache.v[li], atol=1e-6)
+
+
+def test_generate_stats_describe_one_call():
+    """A stats object reused over calls counts each call's decode steps afresh (a reuse once doubled the rate)."""
+    from fastattn_dist.models.generate import GenerateStats
+
+    m = LlamaForCausalLM.from_pretrained(tiny_checkpoint())
+    st = GenerateStats()
+    for _ in range(2):
+        m.generate([[1, 5, 9]], 6, stop_tokens=[], stats=st)
+        assert st.decode_steps == 5 and st.new_tokens == 5 and st.prompt_tokens == 3

@@ -1,0 +1,81 @@
+"""Decode attention (one new row per sequence against a KV cache, lengths on the device) against the float64
+reference: the split-K Triton kernel under TRITON_INTERPRET=1, and the CPU path the model uses."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("interpreter tests: set TRITON_INTERPRET=1 (the GPU checks are in tests/gpu)", allow_module_level=True)
+
+for mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_decode"):
+    if mod in sys.modules:  # imported earlier without the interpreter: rebuild
+        importlib.reload(sys.modules[mod])
+from fastattn_dist.attention import decode  # noqa: E402
+from fastattn_dist.reference_block import attention64  # noqa: E402
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def case(B, L, Hq, Hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, L, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, L, Hkv, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def reference(q, k, v, lens):
+    """Each sequence alone: its one query (the last position) against its first lens[b] keys."""
+    return torch.cat([attention64(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], "none") for b, n in enumerate(lens)])
+
+
+def rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,L,Hq,Hkv,lens,splits", [
+    (1, 70, 4, 4, [70], 3),            # MHA; splits of 64 keys, the last one partial
+    (3, 200, 8, 2, [1, 130, 199], 4),  # GQA 4; a sequence of one token; splits past a sequence's end
+    (2, 96, 6, 1, [96, 33], 1),        # MQA, one split
+    (2, 333, 4, 2, [300, 5], None),    # splits from the heuristic
+])
+def test_split_kernel_matches_reference(dtype, B, L, Hq, Hkv, lens, splits):
+    q, k, v = case(B, L, Hq, Hkv, 32, dtype, seed=L)
+    # keys past each sequence's length must never be read: poison them
+    for b, n in enumerate(lens):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    kv_len = torch.tensor(lens)
+    out = decode.split_decode(q, k, v, kv_len, splits=splits)
+    ref = reference(q, k, v, lens)
+    assert not torch.isnan(out).any()
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_decode_attention_paths_agree():
+    """The entry point: split kernel (one row), the CPU kernel, and the per-sequence path (windows)."""
+    q, k, v = case(3, 50, 4, 2, 16, torch.float32, seed=3)
+    lens = [50, 17, 1]
+    kv_len = torch.tensor(lens)
+    ref = reference(q, k, v, lens)
+    assert decode.split_kernel_runs(q)
+    assert rel(decode.decode_attention(q, k, v, kv_len), ref) < TOL[torch.float32]
+    assert rel(decode._run(q, k, v, decode.Mask(False, None, kv_len), 0, None), ref) < TOL[torch.float32]
+    # a window of 5: the query at position n-1 sees keys n-5..n-1
+    win = torch.cat([attention64(q[b:b + 1], k[b:b + 1, max(0, n - 5):n], v[b:b + 1, max(0, n - 5):n], "none")
+                     for b, n in enumerate(lens)])
+    assert rel(decode.decode_attention(q, k, v, kv_len, window=5), win) < TOL[torch.float32]
+
+
+def test_num_splits_fills_the_gpu_but_keeps_splits_long():
+    assert decode.num_splits(1, 8, 8192, 132) == 32            # 2 waves of 132 SMs over 8 kv heads
+    assert decode.num_splits(1, 8, 300, 132) == 2              # >= 256 keys a split
+    assert decode.num_splits(64, 8, 8192, 132) == 1            # enough programs without splitting

@@ -79,3 +79,13 @@ def test_num_splits_fills_the_gpu_but_keeps_splits_long():
     assert decode.num_splits(1, 8, 8192, 132) == 32            # 2 waves of 132 SMs over 8 kv heads
     assert decode.num_splits(1, 8, 300, 132) == 2              # >= 256 keys a split
     assert decode.num_splits(64, 8, 8192, 132) == 1            # enough programs without splitting
+
+
+def test_split_kernel_returns_the_log_sum_exp():
+    q, k, v = case(2, 150, 4, 2, 32, torch.float32, seed=11)
+    lens = [150, 40]
+    out, lse = decode.split_decode(q, k, v, torch.tensor(lens), splits=3, return_lse=True)
+    for b, n in enumerate(lens):
+        ref, ref_lse = attention64(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], "none", return_lse=True)
+        assert rel(out[b:b + 1], ref) < TOL[torch.float32]
+        assert torch.allclose(lse[b].double(), ref_lse[0], atol=1e-5)

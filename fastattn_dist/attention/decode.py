@@ -55,8 +55,9 @@ def num_splits(batch: int, kv_heads: int, cache_len: int, sms: int) -> int:
 
 
 def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor,
-                 scale: Optional[float] = None, splits: Optional[int] = None) -> torch.Tensor:
-    """The split-K kernel and its combine; q ``[B, 1, Hq, D]``, caches ``[B, L, Hkv, D]`` (unit last stride)."""
+                 scale: Optional[float] = None, splits: Optional[int] = None, return_lse: bool = False):
+    """The split-K kernel and its combine; q ``[B, 1, Hq, D]``, caches ``[B, L, Hkv, D]`` (unit last stride).
+    With ``return_lse`` also the log-sum-exp ``[B, Hq, 1]`` (float32, natural log) of each row."""
     import triton
 
     from .triton_decode import LOG2E, combine_kernel, split_kernel
@@ -87,10 +88,11 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         INTERPRET=INTERPRETED, num_warps=4)
     # every sequence holds >= 1 key, so one split at least has a finite lse
     out = torch.empty(B, 1, Hq, D, dtype=q.dtype, device=q.device)
-    combine_kernel[(B * Hq,)](op, lp, out, op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
-                              lp.stride(2), out.stride(0), out.stride(2), Hq, splits, D=D,
-                              S_PAD=triton.next_power_of_2(splits), num_warps=1)
-    return out
+    lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=q.device) if return_lse else None
+    combine_kernel[(B * Hq,)](op, lp, out, lse if return_lse else lp, op.stride(0), op.stride(1), op.stride(2),
+                              lp.stride(0), lp.stride(1), lp.stride(2), out.stride(0), out.stride(2), Hq, splits, D=D,
+                              S_PAD=triton.next_power_of_2(splits), HAS_LSE=return_lse, num_warps=1)
+    return (out, lse) if return_lse else out
 
 
 def _run(q, k, v, mask: Mask, q_offset: int, scale):

@@ -48,9 +48,11 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mas
     lse_all = torch.empty(B, Hq, Sq, dtype=acc_dt, device=q.device) if return_lse else None
 
     # [B, Hkv, G, S, D] for queries, [B, Hkv, S, D] for keys/values: one matmul serves a whole GQA group.
+    # Keys and values are converted to the accumulation dtype one block at a time (a long bf16 cache would
+    # otherwise be copied whole).
     qg = q.to(acc_dt).view(B, Sq, Hkv, G, D).permute(0, 2, 3, 1, 4)
-    kt = k.to(acc_dt).permute(0, 2, 3, 1)  # [B, Hkv, D, Sk]
-    vg = v.to(acc_dt).permute(0, 2, 1, 3)  # [B, Hkv, Sk, D]
+    kt = k.permute(0, 2, 3, 1)  # [B, Hkv, D, Sk]
+    vg = v.permute(0, 2, 1, 3)  # [B, Hkv, Sk, D]
     kl = mask.key_lengths
     len_min = len_max = None
     if kl is not None:
@@ -73,7 +75,7 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mas
                 stats.add(kind)
             if kind is BlockKind.SKIP:
                 continue
-            s = torch.matmul(q_tile, kt[..., ks:ke])  # [B, Hkv, G*tq, tk]
+            s = torch.matmul(q_tile, kt[..., ks:ke].to(acc_dt))  # [B, Hkv, G*tq, tk]
             if kind is BlockKind.PARTIAL:
                 vis = mask.visible(q_pos, k_pos_all[ks:ke], kl)  # [tq, tk] or [B, tq, tk]
                 vis = vis[:, None, None] if vis.dim() == 3 else vis[None, None, None]
@@ -84,7 +86,7 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mas
             p = torch.exp(s - m_safe)
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.matmul(p, vg[:, :, ks:ke])
+            acc = acc * alpha + torch.matmul(p, vg[:, :, ks:ke].to(acc_dt))
             m = m_new
         res = acc / torch.where(l == 0, torch.ones_like(l), l)
         out[:, qs:qe] = res.view(B, Hkv, G, tq, D).permute(0, 3, 1, 2, 4).reshape(B, tq, Hq, D).to(out.dtype)

@@ -70,8 +70,8 @@ def split_kernel(Q, K, V, KL, OP, LP, sqb, sqh, skb, sks, skh, svb, svs, svh, so
 
 
 @triton.jit
-def combine_kernel(OP, LP, OUT, sob, soh, sos, slb, slh, sls, so_b, so_h, HQ, SPLITS,
-                   D: tl.constexpr, S_PAD: tl.constexpr):
+def combine_kernel(OP, LP, OUT, LSE, sob, soh, sos, slb, slh, sls, so_b, so_h, HQ, SPLITS,
+                   D: tl.constexpr, S_PAD: tl.constexpr, HAS_LSE: tl.constexpr):
     # one program: sequence b, query head h; the splits' outputs weighed by their share of the softmax mass
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
@@ -79,8 +79,11 @@ def combine_kernel(OP, LP, OUT, sob, soh, sos, slb, slh, sls, so_b, so_h, HQ, SP
     s = tl.arange(0, S_PAD)
     ok = s < SPLITS
     lse = tl.load(LP + b * slb + h * slh + s * sls, mask=ok, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, 0))
+    m = tl.max(lse, 0)
+    w = tl.exp(lse - m)
     d = tl.arange(0, D)
     o = tl.load(OP + b * sob + h * soh + s[:, None] * sos + d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty))
+    if HAS_LSE:
+        tl.store(LSE + pid, m + tl.log(tl.sum(w, 0)))

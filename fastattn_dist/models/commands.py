@@ -19,6 +19,9 @@ MODEL_HELP = "checkpoint directory (Hugging Face format), or 'tiny' (a small ran
 SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
                 rms_norm_eps=1e-5)
+# Llama-2-7B's shape (multi-head: 32 kv heads, 512 KiB of KV per token), with a context long enough for 256K
+SHAPE_7B_MHA = dict(SHAPE_7B, intermediate_size=11008, num_key_value_heads=32, max_position_embeddings=1 << 20)
+SHAPES = {"7b": ("MistralForCausalLM", "mistral", SHAPE_7B), "7b-mha": ("LlamaForCausalLM", "llama", SHAPE_7B_MHA)}
 
 
 def resolve_model(name: str, layers: Optional[int] = None) -> str:
@@ -57,13 +60,16 @@ def generate_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     from .llama import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(opts["model"], dtype=opts["dtype"], device=job_device(),
-                                             tiles=opts["tiles"], link=LinkModel(*opts["link"]) if opts["link"] else None)
+                                             tiles=opts["tiles"], link=LinkModel(*opts["link"]) if opts["link"] else None,
+                                             kv_offload=opts["kv_offload"], host_budget_gb=opts["host_budget_gb"],
+                                             prefill_chunk=opts["prefill_chunk"])
     stats = GenerateStats()
     tokens = model.generate(opts["prompts"], opts["max_new_tokens"], temperature=opts["temperature"],
                             top_p=opts["top_p"], seed=opts["seed"], stop_tokens=opts["stop_tokens"], stats=stats)
     if rank != 0:
         return None
-    return {"tokens": tokens, "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+    plan = model.kv_plan
+    return {"tokens": tokens, "kv_cache": plan.describe() if plan else None, "prefill_tokens_per_s": stats.prefill_tokens_per_s,
             "decode_tokens_per_s": stats.decode_tokens_per_s, "prompt_tokens": stats.prompt_tokens,
             "new_tokens": sum(len(t) for t in tokens), "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
             "world_size": world, "device": str(model.device), "plan": list(model.last_plan.bounds)}
@@ -77,6 +83,18 @@ def _tokenizer(path: str):
         return None
     from tokenizers import Tokenizer
     return Tokenizer.from_file(file)
+
+
+def _offload_arg(value: str):
+    if value in ("off", "auto"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--kv-offload takes off, auto or a number of tokens >= 1, got {value!r}")
+    return n
 
 
 def _parse_ids(text: str) -> List[int]:
@@ -122,7 +140,11 @@ def cmd_generate(args) -> int:
     opts = {"model": path, "dtype": dtype, "tiles": args.tiles, "prompts": prompts,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "seed": args.seed, "stop_tokens": args.stop_tokens,
-            "link": None if args.no_link else (args.link_latency_us, args.link_gbps)}
+            "link": None if args.no_link else (args.link_latency_us, args.link_gbps),
+            "kv_offload": _offload_arg(args.kv_offload), "host_budget_gb": args.host_budget_gb,
+            "prefill_chunk": args.prefill_chunk}
+    if opts["kv_offload"] == "auto" and launch.device_type() != "cuda":
+        raise ValueError("--kv-offload auto splits the KV cache between a GPU and host memory: this run is on CPU")
     res = run_job(generate_rank, launch, (opts,), check_world=lambda w: check_world(path, w), label="generate")
     if res is None:
         return 0
@@ -157,6 +179,13 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--link-latency-us", type=float, default=50.0, help="simulated link of CPU ranks (default 50)")
     p.add_argument("--link-gbps", type=float, default=0.08, help="simulated link bandwidth, GB/s (default 0.08)")
     p.add_argument("--no-link", action="store_true", help="no simulated link")
+    p.add_argument("--kv-offload", default="off",
+                   help="off (default), auto (split the KV cache between the GPU and host memory when it does not "
+                        "fit), or a number of tokens per sequence to keep on the device")
+    p.add_argument("--host-budget-gb", type=positive_float, default=None,
+                   help="host memory the KV cache may take (default: 80%% of what is available)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None,
+                   help="prefill in chunks of this many tokens (default: whole prompts; 8192 with offload)")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line (tokens, tokens/s)")
     p.set_defaults(func=cmd_generate)
 
@@ -240,16 +269,19 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     link = LinkModel(*opts["link"]) if opts["link"] else None
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
     hf = None
-    if opts["model"] == "7b":
-        cfg = LlamaConfig.from_dict({"architectures": ["MistralForCausalLM"], "model_type": "mistral",
-                                     "torch_dtype": "bfloat16", "sliding_window": None, **SHAPE_7B})
-        log("[bench-model] building a random 7B-shaped model (transformers, on the device)")
-        hf = _hf_model(cfg, dtype, device, opts["seed"])
+    if opts["model"] in SHAPES:
+        arch, mtype, shape = SHAPES[opts["model"]]
+        cfg = LlamaConfig.from_dict({"architectures": [arch], "model_type": mtype, "torch_dtype": "bfloat16",
+                                     "sliding_window": None, **shape})
         ours = LlamaForCausalLM(cfg, dtype=dtype, device=device, tiles="auto", link=link,
                                 max_seq_len=opts["seq"] + opts["decode_tokens"] + 1)
-        ours.load(StateDictCheckpoint(cfg, dict(hf.state_dict())))
-        if not opts["hf"]:
-            hf = None
+        if opts["hf"]:
+            log(f"[bench-model] building a random {opts['model']}-shaped model (transformers, on the device)")
+            hf = _hf_model(cfg, dtype, device, opts["seed"])
+            ours.load(StateDictCheckpoint(cfg, dict(hf.state_dict())))
+        else:
+            log(f"[bench-model] random {opts['model']}-shaped weights, on the device")
+            _random_weights(ours, opts["seed"])
     else:
         ours = LlamaForCausalLM.from_pretrained(opts["model"], dtype=dtype, device=device, link=link,
                                                 max_seq_len=opts["seq"] + opts["decode_tokens"] + 1)
@@ -258,6 +290,8 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
             import transformers
             hf = transformers.AutoModelForCausalLM.from_pretrained(opts["model"], torch_dtype=dtype,
                                                                    attn_implementation="sdpa").to(device).eval()
+    if opts.get("contexts"):
+        return long_context(ours, cfg, opts, rank, world, log)
     B, S = opts["batch"], opts["seq"]
     g = torch.Generator().manual_seed(opts["seed"])
     ids = torch.randint(3, cfg.vocab_size, (B, S), generator=g).to(device)
@@ -310,6 +344,67 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     return res
 
 
+def _random_weights(model, seed: int) -> None:
+    """Random weights in place (N(0, 0.02), norms 1): a model shape to time, without a checkpoint."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def long_context(model, cfg, opts, rank: int, world: int, log) -> Optional[dict]:
+    """Prefill of each context, then decode steps, for each KV offload mode: tokens/s, the KV split between the
+    tiers, where decode attention ran; and the longest context the device alone holds."""
+    from ..runner import sync
+    from .generate import GenerateStats
+
+    device = model.device
+    res = {"model": opts["model_label"], "world": world, "device": str(device), "runs": []}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        res["device_free_gib"] = free / (1 << 30)
+        model.kv_offload = "off"
+        chunk = model.prefill_chunk or 8192
+        res["longest_without_offload"] = int((free - (2 << 30) - chunk * 8 * cfg.hidden_size * 2)
+                                             // model.kv_bytes_per_token())
+    for ctx in opts["contexts"]:
+        for mode in opts["kv_offload"]:
+            run = {"context": ctx, "kv_offload": mode}
+            model.cache, model.kv_plan = None, None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model.kv_offload = int(mode) if mode not in ("auto", "off") else mode
+            ids = torch.randint(3, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0)).to(device)
+            log(f"[bench-model] context {ctx}, kv offload {mode}")
+            st = GenerateStats()
+            try:
+                model.generate(ids, opts["decode_tokens"], stop_tokens=[], stats=st, cuda_graph=False)
+            except (ValueError, torch.OutOfMemoryError) as e:
+                run["error"] = f"{type(e).__name__}: {e}"[:300]
+                log(f"[bench-model]   does not run: {run['error']}")
+                res["runs"].append(run)
+                continue
+            sync(device)
+            plan = model.kv_plan
+            run.update(prefill_tokens_per_s=st.prefill_tokens_per_s, decode_tokens_per_s=st.decode_tokens_per_s,
+                       prefill_s=st.prefill_s, decode_s=st.decode_s, kv_plan=plan.describe() if plan else None,
+                       gpu_tokens=plan.gpu_tokens if plan else ctx,
+                       kv_device_gib=getattr(model.cache, "gpu_bytes", None) and model.cache.gpu_bytes / (1 << 30),
+                       kv_host_gib=getattr(model.cache, "host_bytes", 0) / (1 << 30),
+                       decode_host=plan.decode_host if plan and plan.offloaded else None,
+                       pcie_gbps=plan.pcie_gbps if plan else None, cpu_gbps=plan.cpu_gbps if plan else None)
+            if run["kv_device_gib"] is None:
+                run["kv_device_gib"] = model.cache.nbytes / (1 << 30)
+            log(f"[bench-model]   prefill {run['prefill_tokens_per_s']:.0f} tokens/s, decode "
+                f"{run['decode_tokens_per_s']:.2f} tokens/s; {run['kv_plan']}")
+            res["runs"].append(run)
+            model.cache = None
+    return res if rank == 0 else None
+
+
 def _profile_prefill(model, ids, opts):
     """Record the 1-tile and the tiled prefill (``repeats`` iterations each) on every rank; the gathered
     Profile on rank 0 (profiler/: the timeline, exposed comm per run)."""
@@ -345,10 +440,10 @@ def cmd_bench_model(args) -> int:
 
     launch = launch_from_args(args)
     gpu = launch.device_type() == "cuda"
-    if args.model == "7b":
+    if args.model in SHAPES:
         if not gpu:
-            raise ValueError("--model 7b needs a GPU (about 30 GB: the model twice, ours and transformers')")
-        path = "7b"
+            raise ValueError(f"--model {args.model} needs a GPU (the model, and with transformers twice)")
+        path = args.model
     else:
         path = resolve_model(args.model, args.layers)
     if args.layers is not None and args.model != "tiny":
@@ -368,7 +463,11 @@ def cmd_bench_model(args) -> int:
     if args.profile:
         from ..profiler.export import check_writable
         check_writable(args.profile)
-    check = None if path == "7b" else (lambda w: check_world(path, w))
+    check = None if path in SHAPES else (lambda w: check_world(path, w))
+    if args.context:
+        if args.profile:
+            raise ValueError("--profile and --context do not go together")
+        opts.update(contexts=args.context, kv_offload=args.kv_offload, hf=False)
     res = run_job(bench_model_rank, launch, (opts,), check_world=check, label="bench-model")
     if res is None:
         return 0
@@ -376,6 +475,15 @@ def cmd_bench_model(args) -> int:
     res["date"] = date.today().isoformat()
     res["torch"] = torch.__version__
     res["device_name"] = torch.cuda.get_device_name(0) if gpu else (platform.processor() or "CPU")
+    if args.context:
+        print(context_markdown(res))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"bench_context_{args.model}.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        if args.json:
+            print(json.dumps(res))
+        return 0
     prof = res.pop("profile", None)
     if prof is not None:
         from ..profiler.export import write_outputs
@@ -396,6 +504,21 @@ def cmd_bench_model(args) -> int:
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+def context_markdown(r: dict) -> str:
+    lines = [f"Command: `{r['command']}`  ", f"Device: {r['device_name']} ({r['world']} ranks); torch {r['torch']}; date "
+             f"{r['date']}; longest context the device alone holds: {r.get('longest_without_offload', '-')} tokens  ",
+             "", "| context | kv offload | prefill tokens/s | decode tokens/s | KV on device GiB | KV on host GiB | "
+             "decode host attention | note |", "|---|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        if "error" in run:
+            lines.append(f"| {run['context']} | {run['kv_offload']} | - | - | - | - | - | {run['error'][:120]} |")
+            continue
+        lines.append(f"| {run['context']} | {run['kv_offload']} | {run['prefill_tokens_per_s']:.0f} | "
+                     f"{run['decode_tokens_per_s']:.2f} | {run['kv_device_gib']:.1f} | {run['kv_host_gib']:.1f} | "
+                     f"{run['decode_host'] or '-'} | {run['kv_plan'] or ''} |")
+    return "\n".join(lines)
 
 
 def markdown(r: dict) -> str:
@@ -424,7 +547,12 @@ def add_bench_model_parser(sub) -> None:
     p = sub.add_parser("bench-model", help="time prefill and decode of the TP model against transformers "
                                            "(eager and sdpa) and our model with tiles=1")
     add_rank_options(p, world_default=2)
-    p.add_argument("--model", default="tiny", help=MODEL_HELP + ", or '7b' (random 7B-shaped weights, GPU)")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP + ", or '7b' / '7b-mha' (random Mistral-7B / "
+                                                               "Llama-2-7B-shaped weights, GPU)")
+    p.add_argument("--context", type=positive_int, nargs="*", default=None,
+                   help="long-context mode: prefill each of these contexts, then --decode-tokens steps, per --kv-offload")
+    p.add_argument("--kv-offload", nargs="*", default=["off", "auto"],
+                   help="with --context: KV cache modes to run: off, auto, or a number of tokens on the device")
     p.add_argument("--seq", type=positive_int, default=1024, help="prompt tokens per sequence (default 1024)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="decode steps timed (default 32)")

@@ -99,7 +99,8 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, group=None, tiles="auto", max_seq_len: Optional[int] = None,
-                 comm: str = "nccl", link: Optional[LinkModel] = None, attn_backend: str = "auto") -> None:
+                 comm: str = "nccl", link: Optional[LinkModel] = None, attn_backend: str = "auto",
+                 kv_offload="off", host_budget_gb: Optional[float] = None, prefill_chunk: Optional[int] = None) -> None:
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -124,6 +125,17 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.comm = make_comm(comm, group, device, link)
         self.link = link
+        if kv_offload not in ("off", "auto") and (isinstance(kv_offload, bool) or not isinstance(kv_offload, int)
+                                                 or kv_offload < 1):
+            raise ValueError(f"kv_offload must be 'auto', 'off' or a number of tokens on the device, got {kv_offload!r}")
+        if kv_offload != "off" and device.type != "cuda" and kv_offload == "auto":
+            raise ValueError("kv_offload='auto' splits the KV cache between a GPU and host memory: this model is on "
+                             f"{device.type}; use a GPU (or give a token count to split a CPU cache, for tests)")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        self.kv_offload, self.host_budget_gb, self.prefill_chunk = kv_offload, host_budget_gb, prefill_chunk
+        self.kv_plan = None  # models.kv_offload.OffloadPlan of the current cache
         self.cache: Optional[KVCache] = None
         self.recorder = None
         self.last_plan: Optional[TilePlan] = None
@@ -308,6 +320,8 @@ class LlamaForCausalLM(nn.Module):
         prev = {"handles": None, "out": None, "bias": None}  # the previous sublayer's all-reduced output
 
         fused = self.device.type == "cuda" and self.dtype != torch.float64
+        from .kv_offload import TieredKVCache, tiered_chunk_attention
+        tiered = isinstance(kv, TieredKVCache)
 
         def take_previous(i: int, r0: int, r1: int, norm: Optional[torch.Tensor] = None):
             """Tile i's rows of the previous sublayer are reduced: add them to the residual stream; with ``norm``
@@ -335,13 +349,19 @@ class LlamaForCausalLM(nn.Module):
                         seg = slice(o0, o0 + n * (s1 - s0))
                         qs = self.rotary.apply(q[seg].view(n, s1 - s0, tp.heads, D), positions[s0:s1])
                         ks = self.rotary.apply(k[seg].view(n, s1 - s0, tp.kv_heads, D), positions[s0:s1])
-                        kv.write_block(li, b0, b1, start + s0, ks, v[seg].view(n, s1 - s0, tp.kv_heads, D))
-                        keys, vals = kv.k[li][b0:b1, : start + s1], kv.v[li][b0:b1, : start + s1]
-                        kl = None if lengths is None else lengths[b0:b1].clamp(max=s1) + start
-                        mask = Mask(True, window, kl)
-                        which = kernel_for(self.attn_backend, qs, keys, mask, start + s0, False)
-                        o = run_kernel(which, qs, keys, vals, mask, q_offset=start + s0)
-                        out[seg] = o.reshape(n * (s1 - s0), tp.heads * D)
+                        vs = v[seg].view(n, s1 - s0, tp.kv_heads, D)
+                        kv.write_block(li, b0, b1, start + s0, ks, vs)
+                        if tiered:
+                            o = tiered_chunk_attention(kv, li, b0, b1, qs, ks, vs, start + s0,
+                                                       None if lengths is None else lengths[b0:b1], window,
+                                                       self.kv_plan.prefill_host)
+                        else:
+                            keys, vals = kv.k[li][b0:b1, : start + s1], kv.v[li][b0:b1, : start + s1]
+                            kl = None if lengths is None else lengths[b0:b1].clamp(max=start + s1)
+                            mask = Mask(True, window, kl)
+                            which = kernel_for(self.attn_backend, qs, keys, mask, start + s0, False)
+                            o = run_kernel(which, qs, keys, vals, mask, q_offset=start + s0)
+                        out[seg] = o.reshape(n * (s1 - s0), tp.heads * D).to(self.dtype)
                     return out
 
             o = torch.empty(rows, H, dtype=self.dtype, device=self.device)
@@ -382,9 +402,29 @@ class LlamaForCausalLM(nn.Module):
         c.reset()
         return c
 
-    def _new_cache(self, batch: int, n: int) -> KVCache:
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one position of one sequence, all layers, on this rank."""
+        return 2 * len(self.layers) * self.tp.kv_heads * self.tp.head_dim * self.embed.element_size()
+
+    def _new_cache(self, batch: int, n: int):
+        from .kv_offload import OffloadPlan, TieredKVCache
+
         tp = self.tp
-        return KVCache(len(self.layers), batch, n, tp.kv_heads, tp.head_dim, self.dtype, self.device)
+        budget = None if self.host_budget_gb is None else int(self.host_budget_gb * (1 << 30))
+        chunk = self.prefill_chunk or 8192
+        # kept free on the device for a prefill chunk's activations and the streamed host blocks
+        reserve = chunk * (6 * self.config.hidden_size + 4 * tp.inter + 4 * (tp.heads + 2 * tp.kv_heads) * tp.head_dim) \
+            * self.embed.element_size() + 2 * 16384 * self.kv_bytes_per_token() // len(self.layers) + (2 << 30)
+        plan = OffloadPlan.decide(self.kv_offload, max_seq_len=n, batch=batch, bytes_per_token=self.kv_bytes_per_token(),
+                                  device=self.device, host_budget_bytes=budget, reserve_bytes=reserve)
+        self.kv_plan = plan
+        if not plan.offloaded:
+            return KVCache(len(self.layers), batch, n, tp.kv_heads, tp.head_dim, self.dtype, self.device)
+        if self.tp.rank == 0:
+            import logging
+            logging.getLogger("fastattn_dist").warning("%s", plan.describe())
+        return TieredKVCache(len(self.layers), batch, n, plan.gpu_tokens, tp.kv_heads, tp.head_dim, self.dtype,
+                             self.device)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, lengths=None, tiles=None) -> torch.Tensor:
@@ -397,15 +437,29 @@ class LlamaForCausalLM(nn.Module):
         if S > c.max_seq_len:
             raise ValueError(f"the prompt has {S} tokens, more than max_seq_len={c.max_seq_len}")
         lengths = self._check_lengths(lengths, B, S)
-        h = self._prefill(ids, lengths, c, 0, tiles)
-        c.lengths.copy_(lengths if lengths is not None else torch.full((B,), S))
-        return self._gather_logits(h, B, S, lengths, True)
+        real = lengths if lengths is not None else torch.full((B,), S, device=self.device)
+        from .kv_offload import TieredKVCache
+        chunk = self.prefill_chunk or (8192 if isinstance(c, TieredKVCache) else S)
+        last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for c0 in range(0, S, chunk):  # chunked prefill: activations bounded by the chunk, keys in the cache
+            c1 = min(S, c0 + chunk)
+            h = self._prefill(ids[:, c0:c1], None if lengths is None else lengths, c, c0, tiles)
+            rows = ((real - 1 >= c0) & (real - 1 < c1)).nonzero()[:, 0]  # sequences ending in this chunk
+            last[rows] = h.view(B, c1 - c0, -1)[rows, real[rows] - 1 - c0]
+        if isinstance(c, TieredKVCache):
+            c.set_lengths(real.tolist())
+        else:
+            c.lengths.copy_(real)
+        return self.logits(last)
 
     @torch.no_grad()
     def decode_step(self, ids: torch.Tensor) -> torch.Tensor:
         """One new token per sequence (``ids`` ``[B]`` on the device): append to the cache; logits ``[B, vocab]``.
         No host sync and no shape change between steps: the step can be captured as a CUDA graph. On GPUs
         the elementwise chains run as fused kernels (triton_fused.py), elsewhere as plain PyTorch."""
+        from .kv_offload import TieredKVCache
+        if isinstance(self.cache, TieredKVCache):
+            return self._decode_step_tiered(ids)
         if self.device.type == "cuda" and self.dtype != torch.float64:
             return self._decode_step_fused(ids)
         cfg, tp, c = self.config, self.tp, self.cache
@@ -427,6 +481,37 @@ class LlamaForCausalLM(nn.Module):
             d = self._all_reduce(m @ layer.down.weight.t())
             h = h + (d if layer.down_bias is None else d + layer.down_bias)
         c.lengths.add_(1)
+        return self.logits(h)
+
+    def _decode_step_tiered(self, ids: torch.Tensor) -> torch.Tensor:
+        """decode_step over a device + host KV cache: each sequence's new key goes to the tier its position falls
+        in; attention runs on both tiers and is merged by LSE (kv_offload.py). Not a CUDA graph (host work)."""
+        from .kv_offload import tiered_decode_attention
+
+        cfg, tp, c = self.config, self.tp, self.cache
+        B, D = ids.shape[0], tp.head_dim
+        window = self._decode_window()
+        pos = c.lengths[:, None]
+        lens = [n + 1 for n in c.host_lengths]
+        if max(lens) > c.max_seq_len:
+            raise ValueError(f"the KV cache holds {c.max_seq_len} tokens per sequence: no room for another")
+        h = self.embed_tokens(ids)
+        for li, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            q, k, v = layer.qkv(x).split([tp.heads * D, tp.kv_heads * D, tp.kv_heads * D], dim=-1)
+            q = self.rotary.apply(q.view(B, 1, tp.heads, D), pos)
+            k = self.rotary.apply(k.view(B, 1, tp.kv_heads, D), pos)
+            v = v.reshape(B, 1, tp.kv_heads, D)
+            for b, n in enumerate(c.host_lengths):  # sequences sit at different positions
+                c.write_block(li, b, b + 1, n, k[b:b + 1], v[b:b + 1])
+            a = tiered_decode_attention(c, li, q, lens, self.kv_plan.decode_host, window).reshape(B, tp.heads * D)
+            o = self._all_reduce(a @ layer.o_proj.weight.t())
+            h = h + (o if layer.o_bias is None else o + layer.o_bias)
+            m = layer.mlp_input(rms_norm(h, layer.post_norm, cfg.rms_norm_eps))
+            d = self._all_reduce(m @ layer.down.weight.t())
+            h = h + (d if layer.down_bias is None else d + layer.down_bias)
+        c.lengths.add_(1)
+        c.host_lengths = lens
         return self.logits(h)
 
     def _decode_window(self) -> Optional[int]:

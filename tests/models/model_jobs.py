@@ -33,3 +33,22 @@ def model_outputs(rank, world, path, prompts, lengths, steps, tile_counts, link)
     out["generate"] = model.generate(prompts if lengths is None else
                                      [p[:n] for p, n in zip(prompts, lengths)], steps + 1, stop_tokens=[])
     return out
+
+
+def offload_outputs(rank, world, path, prompts, lengths, steps, offload, chunk, tiles):
+    """The cache's last-token logits after a (chunked) prefill, then ``steps`` greedy decode steps' logits."""
+    from fastattn_dist.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, tiles=tiles, kv_offload=offload,
+                                             prefill_chunk=chunk)
+    ids = torch.tensor(prompts)
+    B, S = ids.shape
+    model.reset_cache(B, S + steps + 1)
+    logits = [model.prefill(ids, lengths)]
+    tok = logits[0].argmax(-1)
+    for _ in range(steps):
+        logits.append(model.decode_step(tok))
+        tok = logits[-1].argmax(-1)
+    c = model.cache
+    split = None if model.kv_plan is None or not model.kv_plan.offloaded else (c.gpu_tokens, c.max_seq_len - c.gpu_tokens)
+    return {"logits": torch.stack(logits), "split": split}

@@ -1,0 +1,387 @@
+"""Long context beyond GPU memory: the KV cache split between the device and (pinned) host memory.
+
+Per layer, positions [0, gpu_tokens) of every sequence stay on the device and the rest go to host
+memory (``TieredKVCache``): the oldest keys are the ones every later query reads, so they get the fast
+tier, and a growing sequence spills its newest tokens to the host. Attention runs where the keys are:
+
+* prefill, in chunks of the sequence (activations stay bounded at any length): a chunk attends to its
+  own keys (causal), the device tier's, and the host tier's; host keys are streamed to the device in
+  blocks (double-buffered on a copy stream, the next block copying while the current one is attended),
+  or attended on the CPU, whichever ``OffloadPlan`` predicts faster; new keys of the host tier are
+  written by asynchronous copies on the copy stream, overlapped with compute.
+* decode: the device tier on the device while a worker thread attends the host tier on the CPU (only a
+  query and a partial result cross PCIe), or host blocks streamed to the device, by the same plan.
+Partial results over disjoint keys are merged exactly by their log-sum-exp (``merge``).
+
+``OffloadPlan.decide`` picks the split ("auto": from free device memory and a host budget; "off"; or a
+token count) and measures, once, the host-to-device copy rate and the CPU's attention rate to choose
+between streaming and CPU attention. On CPU-only runs both tiers are CPU tensors (tests).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..attention import kernel_for, run_kernel
+from ..masks import Mask
+
+GIB = 1 << 30
+
+
+def host_memory_bytes() -> int:
+    """Memory available to this process now (MemAvailable), or 0 when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class OffloadPlan:
+    """Where the KV cache lives and where host-tier attention runs."""
+
+    gpu_tokens: int          # positions per sequence on the device (== max_seq_len: no offload)
+    max_seq_len: int
+    bytes_per_token: int     # K and V of one position of one sequence, all layers
+    prefill_host: str        # "stream" or "cpu": how a prefill chunk attends to the host tier
+    decode_host: str         # "stream" or "cpu": how a decode step does
+    pcie_gbps: float = 0.0   # measured host -> device copy rate
+    cpu_gbps: float = 0.0    # measured CPU attention rate, bytes of K/V per second
+    why: str = ""
+
+    @property
+    def offloaded(self) -> bool:
+        return self.gpu_tokens < self.max_seq_len
+
+    def describe(self) -> str:
+        if not self.offloaded:
+            return f"KV cache on the device ({self.max_seq_len} tokens x {self.bytes_per_token / 1024:.0f} KiB)"
+        host = self.max_seq_len - self.gpu_tokens
+        return (f"KV cache: {self.gpu_tokens} tokens on the device ({self.gpu_tokens * self.bytes_per_token / GIB:.1f} "
+                f"GiB), {host} on the host ({host * self.bytes_per_token / GIB:.1f} GiB); host-tier attention: "
+                f"prefill {self.prefill_host}, decode {self.decode_host} (measured: host->device "
+                f"{self.pcie_gbps:.1f} GB/s, CPU attention {self.cpu_gbps:.1f} GB/s of K/V). {self.why}")
+
+    @classmethod
+    def decide(cls, mode, *, max_seq_len: int, batch: int, bytes_per_token: int, device: torch.device,
+               host_budget_bytes: Optional[int] = None, reserve_bytes: int = 0, measure: bool = True) -> "OffloadPlan":
+        """``mode``: "off", "auto" or a number of device tokens. Raises ValueError, before any large
+        allocation, when the cache cannot fit: offload on a CPU-only run, a host budget too small, a context
+        over both tiers."""
+        need = max_seq_len * batch * bytes_per_token
+        if mode == "off":
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                if need > free - reserve_bytes:
+                    raise ValueError(f"the KV cache needs {need / GIB:.1f} GiB for {max_seq_len} tokens x {batch} "
+                                     f"sequences; {device} has {free / GIB:.1f} GiB free ({reserve_bytes / GIB:.1f} "
+                                     "kept for activations): use kv_offload='auto' or a shorter context")
+            return cls(max_seq_len, max_seq_len, bytes_per_token, "stream", "cpu", why="offload off")
+        if device.type != "cuda" and mode == "auto":
+            return cls(max_seq_len, max_seq_len, bytes_per_token, "stream", "cpu", why="no GPU: one tier")
+        if isinstance(mode, bool) or not (mode == "auto" or isinstance(mode, int)):
+            raise ValueError(f"kv_offload must be 'auto', 'off' or a number of device tokens, got {mode!r}")
+        if mode == "auto":
+            free, _ = torch.cuda.mem_get_info(device)
+            fit = max(0, free - reserve_bytes) // (batch * bytes_per_token)
+            if fit >= max_seq_len:
+                return cls(max_seq_len, max_seq_len, bytes_per_token, "stream", "cpu",
+                           why=f"auto: the whole cache fits the device ({need / GIB:.1f} GiB of {free / GIB:.1f} free)")
+            gpu_tokens = int(fit)
+            why = (f"auto: {free / GIB:.1f} GiB free on the device, {reserve_bytes / GIB:.1f} GiB kept for "
+                   f"activations: {gpu_tokens} tokens there")
+        else:
+            if mode < 1:
+                raise ValueError(f"kv_offload tokens on the device must be >= 1, got {mode}")
+            gpu_tokens = min(mode, max_seq_len)
+            why = f"{gpu_tokens} tokens on the device as asked"
+        if gpu_tokens < 1:
+            raise ValueError(f"no room for the KV cache on {device}: free memory is below the {reserve_bytes / GIB:.1f} "
+                             "GiB kept for activations")
+        host_need = (max_seq_len - gpu_tokens) * batch * bytes_per_token
+        budget = host_budget_bytes if host_budget_bytes is not None else int(0.8 * host_memory_bytes())
+        if host_need > budget:
+            raise ValueError(f"the KV cache's host tier needs {host_need / GIB:.1f} GiB for {max_seq_len} tokens x "
+                             f"{batch} sequences, over the host budget of {budget / GIB:.1f} GiB: lower the context "
+                             f"or raise the budget (the context both tiers can hold is about "
+                             f"{gpu_tokens + budget // (batch * bytes_per_token)} tokens)")
+        plan = cls(gpu_tokens, max_seq_len, bytes_per_token, "stream", "cpu", why=why)
+        if measure:
+            plan.pcie_gbps, plan.cpu_gbps = measure_rates(device)
+            # decode reads each host key once per step: the faster reader wins; a prefill chunk does C x more
+            # work per key on the CPU than a copy costs, so it streams unless copies are unavailable
+            plan.decode_host = "cpu" if plan.cpu_gbps >= plan.pcie_gbps or device.type != "cuda" else "stream"
+            plan.prefill_host = "stream" if device.type == "cuda" else "cpu"
+        return plan
+
+
+def measure_rates(device: torch.device, mb: Optional[int] = None) -> Tuple[float, float]:
+    """(host -> device copy GB/s from pinned memory, CPU decode-attention GB/s of K/V): a few milliseconds."""
+    mb = mb or (256 if device.type == "cuda" else 16)
+    pcie = 0.0
+    if device.type == "cuda":
+        src = torch.empty(mb << 20, dtype=torch.uint8).pin_memory()
+        dst = torch.empty_like(src, device=device)
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        pcie = (mb << 20) / (time.perf_counter() - t0) / 1e9
+        del src, dst
+    H, D, L = 8, 128, (mb << 20) // (2 * 8 * 128 * 2)
+    k = torch.randn(1, L, H, D).to(torch.bfloat16)
+    q = torch.randn(1, 1, H, D).to(torch.bfloat16)
+    host_attention(q, k, k, Mask(False, None, None), 0)
+    t0 = time.perf_counter()
+    host_attention(q, k, k, Mask(False, None, None), 0)
+    cpu = 2 * k.numel() * k.element_size() / (time.perf_counter() - t0) / 1e9
+    return pcie, cpu
+
+
+# -- the tiered cache ----------------------------------------------------------------------------------------
+class TieredKVCache:
+    """Per layer ``[batch, gpu_tokens, kv_heads, head_dim]`` on the device and ``[batch, max_seq_len - gpu_tokens,
+    kv_heads, head_dim]`` in host memory (pinned when the device is a GPU). ``lengths`` on the device as in
+    KVCache, and ``host_lengths`` on the host (an offloaded decode reads them there)."""
+
+    def __init__(self, num_layers: int, batch: int, max_seq_len: int, gpu_tokens: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.batch, self.max_seq_len, self.gpu_tokens = batch, max_seq_len, gpu_tokens
+        host_tokens = max_seq_len - gpu_tokens
+        pin = device.type == "cuda"
+
+        def host(shape):
+            t = torch.zeros(shape, dtype=dtype)
+            return t.pin_memory() if pin else t
+        self.k = [torch.zeros(batch, gpu_tokens, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(batch, gpu_tokens, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.host_k = [host((batch, host_tokens, kv_heads, head_dim)) for _ in range(num_layers)]
+        self.host_v = [host((batch, host_tokens, kv_heads, head_dim)) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.host_lengths = [0] * batch
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._written: List[Optional[torch.cuda.Event]] = [None] * num_layers
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host_k + self.host_v)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.host_lengths = [0] * self.batch
+
+    def set_lengths(self, lengths: List[int]) -> None:
+        self.host_lengths = list(lengths)
+        self.lengths.copy_(torch.tensor(lengths))
+
+    def write_block(self, layer: int, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values ``[b1 - b0, n, H, D]`` at positions [start, start + n): the device part in place, the host
+        part by an asynchronous copy on the copy stream (``host_ready`` orders readers after it)."""
+        n, g = k.shape[1], self.gpu_tokens
+        cut = max(0, min(n, g - start))
+        if cut:
+            self.k[layer][b0:b1, start:start + cut] = k[:, :cut]
+            self.v[layer][b0:b1, start:start + cut] = v[:, :cut]
+        if cut == n:
+            return
+        h0 = start + cut - g
+        dk, dv = self.host_k[layer][b0:b1, h0:h0 + n - cut], self.host_v[layer][b0:b1, h0:h0 + n - cut]
+        if self.copy_stream is None:
+            dk.copy_(k[:, cut:])
+            dv.copy_(v[:, cut:])
+            return
+        src_k, src_v = k[:, cut:].contiguous(), v[:, cut:].contiguous()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            dk.copy_(src_k, non_blocking=True)
+            dv.copy_(src_v, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        for t in (src_k, src_v):
+            t.record_stream(self.copy_stream)
+        self._written[layer] = ev
+
+    def host_ready(self, layer: int) -> None:
+        """Wait (host side) until this layer's host tier holds everything written so far."""
+        ev = self._written[layer]
+        if ev is not None:
+            ev.synchronize()
+            self._written[layer] = None
+
+
+# -- attention over tiers --------------------------------------------------------------------------------------
+def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
+    """Exact softmax mix of two partial results over disjoint keys: o ``[B, S, H, D]``, lse ``[B, H, S]``
+    (natural log, -inf for a row that saw no key in that part). Returns (o, lse); o in float32."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    s = wa + wb
+    o = (o_a.float() * wa.transpose(1, 2)[..., None] + o_b.float() * wb.transpose(1, 2)[..., None]) \
+        / torch.where(s == 0, torch.ones_like(s), s).transpose(1, 2)[..., None]
+    return o, torch.where(s == 0, torch.full_like(s, float("-inf")), m + torch.log(s))
+
+
+def part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int):
+    """(o, lse) of queries against one part of the keys (positions relative to the part's first key). A part may
+    hold no visible key for some sequences (key length 0): their rows give 0 and an lse of -inf."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and mask.window is None and \
+            mask.key_lengths is None and q.shape[3] in (64, 128):
+        from ..attention.cudnn_split import cudnn_attend
+        if not mask.causal or q_offset >= k.shape[1] - 1:  # every key visible: one unmasked call
+            return cudnn_attend(q, k, v, False, q.shape[3] ** -0.5, True)
+        if q_offset == 0 and q.shape[1] == k.shape[1]:  # the chunk's own keys: top-left causal
+            return cudnn_attend(q, k, v, True, q.shape[3] ** -0.5, True)
+    which = kernel_for("auto", q, k, mask, q_offset, True)
+    return run_kernel(which, q, k, v, mask, q_offset=q_offset, return_lse=True)
+
+
+def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int):
+    """The host tier attended on the CPU (``q`` and the result are CPU tensors): (o float32, lse)."""
+    from ..attention.tiled import tiled_attention
+    return tiled_attention(q, k, v, mask, q_offset=q_offset, return_lse=True, block_q=128, block_k=4096)
+
+
+_WORKER: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def host_worker() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that attends the host tier while the calling thread drives the device."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastattn-host-kv")
+    return _WORKER
+
+
+def _part_mask(causal: bool, window: Optional[int], lengths: Optional[torch.Tensor], k0: int, n: int) -> Mask:
+    """The mask of key positions [k0, k0 + n) relative to k0 (key lengths shifted and clamped)."""
+    kl = None
+    if lengths is not None:
+        kl = (lengths - k0).clamp(0, n)
+    return Mask(causal, window, kl)
+
+
+def tiered_chunk_attention(cache: TieredKVCache, layer: int, b0: int, b1: int, q: torch.Tensor, own_k: torch.Tensor,
+                           own_v: torch.Tensor, p0: int, lengths: Optional[torch.Tensor], window: Optional[int],
+                           mode: str, stream_tokens: int = 16384) -> torch.Tensor:
+    """Attention of a prefill chunk ``q`` ``[b1 - b0, C, Hq, D]`` (sequences b0..b1-1) at positions p0.. over every
+    key before and in it: its own keys (causal), the device tier's and the host tier's (streamed or on the CPU),
+    merged by LSE. ``lengths``: the sequences' real lengths (right padding), or None."""
+    C = q.shape[1]
+    g = cache.gpu_tokens
+    dev_k, dev_v = cache.k[layer][b0:b1], cache.v[layer][b0:b1]
+    host_k, host_v = cache.host_k[layer][b0:b1], cache.host_v[layer][b0:b1]
+    o, lse = part_attention(q, own_k, own_v, _part_mask(True, window, lengths, p0, C), 0)
+    dev_end = min(p0, g)
+    if dev_end > 0 and (window is None or p0 - window < dev_end):
+        k0 = 0 if window is None else max(0, p0 - window + 1)
+        m = _part_mask(True, window, lengths, k0, dev_end - k0)
+        o2, lse2 = part_attention(q, dev_k[:, k0:dev_end], dev_v[:, k0:dev_end], m, p0 - k0)
+        o, lse = merge(o, lse, o2, lse2)
+    if p0 <= g:
+        return o
+    h_lo = g if window is None else max(g, p0 - window + 1)
+    if h_lo >= p0:
+        return o
+    cache.host_ready(layer)
+    if mode == "cpu" or q.device.type != "cuda":
+        m = _part_mask(True, window, None if lengths is None else lengths.cpu(), h_lo, p0 - h_lo)
+        fut = host_worker().submit(host_attention, q.cpu(), host_k[:, h_lo - g:p0 - g], host_v[:, h_lo - g:p0 - g],
+                                   m, p0 - h_lo)
+        o2, lse2 = fut.result()
+        return merge(o, lse, o2.to(q.device), lse2.to(q.device))[0]
+    # stream host blocks to the device, the next block copying on the copy stream while this one is attended
+    bufs, cur = [], torch.cuda.current_stream(q.device)
+    blocks = [(s, min(p0, s + stream_tokens)) for s in range(h_lo, p0, stream_tokens)]
+
+    def fetch(s, e):
+        with torch.cuda.stream(cache.copy_stream):
+            kb = host_k[:, s - g:e - g].to(q.device, non_blocking=True)
+            vb = host_v[:, s - g:e - g].to(q.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        return kb, vb, ev
+    bufs.append(fetch(*blocks[0]))
+    for i, (s, e) in enumerate(blocks):
+        if i + 1 < len(blocks):
+            bufs.append(fetch(*blocks[i + 1]))
+        kb, vb, ev = bufs[i]
+        cur.wait_event(ev)
+        for t in (kb, vb):
+            t.record_stream(cur)
+        o2, lse2 = part_attention(q, kb, vb, _part_mask(True, window, lengths, s, e - s), p0 - s)
+        o, lse = merge(o, lse, o2, lse2)
+        bufs[i] = None
+    return o
+
+
+def _windowed_decode(cache: TieredKVCache, layer: int, q: torch.Tensor, lens: List[int], window: int) -> torch.Tensor:
+    """Sliding window: sequence b sees keys [n - window, n); each sequence attends its slice of each tier."""
+    g = cache.gpu_tokens
+    cache.host_ready(layer)
+    out = torch.empty_like(q)
+    full = Mask(False, None, None)
+    for b, n in enumerate(lens):
+        lo = max(0, n - window)
+        parts = []
+        if lo < min(n, g):
+            parts.append(part_attention(q[b:b + 1], cache.k[layer][b:b + 1, lo:min(n, g)],
+                                        cache.v[layer][b:b + 1, lo:min(n, g)], full, 0))
+        if n > g:
+            h0 = max(lo, g) - g
+            kb = cache.host_k[layer][b:b + 1, h0:n - g].to(q.device)
+            vb = cache.host_v[layer][b:b + 1, h0:n - g].to(q.device)
+            parts.append(part_attention(q[b:b + 1], kb, vb, full, 0))
+        o, lse = parts[0]
+        for o2, lse2 in parts[1:]:
+            o, lse = merge(o, lse, o2, lse2)
+        out[b:b + 1] = o.to(q.dtype)
+    return out
+
+
+def tiered_decode_attention(cache: TieredKVCache, layer: int, q: torch.Tensor, lens: List[int], mode: str,
+                            window: Optional[int]) -> torch.Tensor:
+    """One new query per sequence ``[B, 1, Hq, D]`` against both tiers (``lens``: keys per sequence, the new one
+    included): the device tier on the device while the worker attends the host tier on the CPU (or streamed)."""
+    from ..attention.decode import split_decode, split_kernel_runs
+
+    g = cache.gpu_tokens
+    if window is not None:
+        return _windowed_decode(cache, layer, q, lens, window)
+    dev_len = torch.tensor([min(n, g) for n in lens], device=q.device)
+    host_n = max(0, max(lens) - g)
+    fut = None
+    cache.host_ready(layer)  # the new token's keys may have just been copied there
+    if host_n and (mode == "cpu" or q.device.type != "cuda"):
+        kl = torch.tensor([max(0, n - g) for n in lens])
+        fut = host_worker().submit(host_attention, q.cpu(), cache.host_k[layer][:, :host_n],
+                                   cache.host_v[layer][:, :host_n], Mask(False, None, kl), 0)
+    if split_kernel_runs(q):
+        o, lse = split_decode(q, cache.k[layer], cache.v[layer], dev_len, return_lse=True)
+    else:
+        o, lse = part_attention(q, cache.k[layer], cache.v[layer], Mask(False, None, dev_len), 0)
+    if not host_n:
+        return o
+    if fut is not None:
+        o2, lse2 = fut.result()
+        return merge(o, lse, o2.to(q.device), lse2.to(q.device))[0].to(q.dtype)
+    kl = torch.tensor([max(0, n - g) for n in lens], device=q.device)
+    kb = cache.host_k[layer][:, :host_n].to(q.device, non_blocking=True)
+    vb = cache.host_v[layer][:, :host_n].to(q.device, non_blocking=True)
+    o2, lse2 = part_attention(q, kb, vb, Mask(False, None, kl), 0)
+    return merge(o, lse, o2, lse2)[0].to(q.dtype)

@@ -5,12 +5,15 @@ Public API:
   TPAttention(hidden_size, num_heads, num_kv_heads=None, *, tiles="auto", group=None, ...)
   masks: NoMask, Causal, SlidingWindow(window), KeyPadding(lengths)
   LinkModel(latency_us, gbps): the simulated interconnect of CPU ranks
+  LlamaForCausalLM.from_pretrained(path, *, dtype=None, device=None, group=None, tiles="auto", ...):
+    the TP Llama-family model (models/)
   init_distributed(...), shutdown(), spawn_ranks(fn, world_size, ...)
 """
 from .attention import attention
 from .block import TPAttention
 from .config import LinkModel, TilePlanOptions
 from .masks import Causal, KeyPadding, Mask, NoMask, SlidingWindow
+from .models import LlamaForCausalLM
 from .parallel.process_group import DistContext, RendezvousError, init_distributed, shutdown
 from .parallel.spawn import RankFailedError, spawn_ranks
 from .parallel.tiling_allreduce import TilePlan
@@ -19,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "TPAttention", "LinkModel", "TilePlanOptions", "Causal", "KeyPadding", "Mask",
            "NoMask", "SlidingWindow", "DistContext", "init_distributed", "shutdown", "spawn_ranks",
-           "RankFailedError", "RendezvousError", "TilePlan", "__version__"]
+           "RankFailedError", "RendezvousError", "TilePlan", "LlamaForCausalLM", "__version__"]

@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,20 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
 
 def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
     return statistics.median(time_ms(fn, device, repeats, warmup))
+
+
+def interleaved_median_ms(fns: Dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                          warmup: int) -> Dict[str, float]:
+    """Median ms of each variant, timed in turn within each repeat (a, b, a, b, ...), so drift of the machine
+    (clocks, neighbours on shared cores) falls on all variants alike instead of on whichever ran last."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name] += time_ms(fn, device, 1, 0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def check_same_on_all_ranks(facts: dict, group=None, what: str = "the input") -> None:

@@ -45,6 +45,13 @@ class DeviceProfile:
     min_tile_rows: int = 16    # smallest tile that still runs efficiently
     # (latency s, bus bytes/s) by world size, where measured; other sizes use the nearest smaller one
     comm_fits: Tuple[Tuple[int, float, float], ...] = ()
+    # fixed cost per extra tile of each sublayer of a model's prefill (more kernels per tile than the block:
+    # norms, the MLP, KV cache writes); None: tile_overhead_s
+    sublayer_tile_overhead_s: Optional[float] = None
+
+    @property
+    def stack_tile_overhead_s(self) -> float:
+        return self.tile_overhead_s if self.sublayer_tile_overhead_s is None else self.sublayer_tile_overhead_s
 
     def allreduce_seconds(self, nbytes: int, world_size: int) -> float:
         if world_size <= 1:
@@ -56,13 +63,17 @@ class DeviceProfile:
         return lat + 2.0 * (world_size - 1) / world_size * nbytes / bw
 
 
-# CPU figures: the torch backend on one core of a recent x86 server, gloo over loopback.
+# CPU figures: the torch backend on one core of a recent x86 server, gloo over loopback. The model's per-tile
+# overhead is what an extra tile cost per sublayer of the tiny model's prefill with 2 gloo ranks on 2 cores
+# (0.6-1 ms, 2026-11-25: its many small ops per tile, and gloo's threads taking the cores from compute while
+# transfers overlap it).
 # Hopper: attention (cuDNN) and GEMM rates and the per-tile overhead with prioritised tile streams,
 # measured on one H100 (docs/gpu_emulation.md); comm: fits to NCCL all-reduces of 16-512 MB on H200
 # NVLink nodes (the same fits as the GPU comm stand-in, parallel/standin.py).
 PROFILES = {
     "cpu": DeviceProfile("cpu", attn_flops=25e9, gemm_flops=90e9, tile_overhead_s=300e-6,
-                         comm_latency_s=100e-6, comm_bus_bytes_s=2e9, min_tile_rows=16),
+                         comm_latency_s=100e-6, comm_bus_bytes_s=2e9, min_tile_rows=16,
+                         sublayer_tile_overhead_s=800e-6),
     "hopper": DeviceProfile("hopper", attn_flops=560e12, gemm_flops=680e12, tile_overhead_s=20e-6,
                             comm_latency_s=78e-6, comm_bus_bytes_s=310e9, min_tile_rows=256,
                             comm_fits=((2, 78e-6, 310e9), (4, 131e-6, 347e9))),
@@ -174,7 +185,7 @@ def simulate_stack(plan: TilePlan, cost: LayerCost, mask: Mask, layers: int, pro
     for _ in range(layers):
         for cum in costs:
             for i, (r0, r1) in enumerate(plan.ranges):
-                c = float(cum[r1] - cum[r0]) + (profile.tile_overhead_s if i > 0 else 0.0)
+                c = float(cum[r1] - cum[r0]) + (profile.stack_tile_overhead_s if i > 0 else 0.0)
                 t = max(t, ready[i]) + c
                 total_compute += c
                 link_free = max(t, link_free) + comm[i]

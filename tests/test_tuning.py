@@ -5,7 +5,8 @@ import torch
 from fastattn_dist import Causal, LinkModel, NoMask, SlidingWindow, TilePlan
 from fastattn_dist.config import TilePlanOptions
 from fastattn_dist.parallel.tiling_allreduce import cost_balanced_plan, tile_segments
-from fastattn_dist.tuning import PROFILES, BlockCost, DeviceProfile, choose_plan, simulate
+from fastattn_dist.tuning import (PROFILES, BlockCost, DeviceProfile, LayerCost, choose_plan, choose_stack_plan,
+                                  simulate, simulate_stack)
 
 CPU = PROFILES["cpu"]
 
@@ -139,3 +140,48 @@ def test_tuned_profile_round_trip(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("x")  # a file where a folder should be: the write fails, in one line
     with pytest.raises(ValueError, match="could not write the tuned profile"):
         tune.store(str(tmp_path / "a_file" / "t.json"), {"k": {}})
+
+
+# -- a model's prefill: every sublayer on one plan (simulate_stack) ----------------------------------------------
+def layer_cost(seq=1024, world=2):
+    return LayerCost(1, seq, 128, 4, 16, world, 4, kv_heads=2, intermediate=172)
+
+
+def test_stack_with_one_tile_exposes_every_sublayers_all_reduce():
+    lc, link, layers = layer_cost(), LinkModel(50, 0.04), 3
+    one = simulate_stack(TilePlan.single(1024), lc, Causal(), layers, CPU, link)
+    ar = lc.allreduce_s(1024, CPU, link)
+    assert one.comm_s == pytest.approx(2 * layers * ar)
+    assert one.block_s == pytest.approx(one.compute_s + 2 * layers * ar)
+
+
+def test_stack_tiles_leave_about_one_tiles_all_reduce_exposed_not_one_per_sublayer():
+    lc, layers = layer_cost(), 4
+    free = DeviceProfile("no overhead", 25e9, 90e9, tile_overhead_s=0.0, comm_latency_s=0.0, comm_bus_bytes_s=1e30)
+    for_compute = simulate_stack(TilePlan.single(1024), lc, Causal(), layers, free, None).compute_s / (2 * layers)
+    link = LinkModel(0.0, 1024 * 128 * 4 / (0.5 * for_compute) / 1e9)  # a sublayer's comm = half its compute
+    one = simulate_stack(TilePlan.single(1024), lc, Causal(), layers, free, link)
+    tiled = simulate_stack(TilePlan((0, 400, 650, 850, 1024)), lc, Causal(), layers, free, link)
+    sublayer_ar = lc.allreduce_s(1024, free, link)
+    assert one.exposed_s == pytest.approx(2 * layers * sublayer_ar)
+    assert tiled.exposed_s < sublayer_ar  # less than one sublayer's all-reduce in all, not 2 x layers of them
+    assert tiled.block_s < one.block_s
+
+
+def test_stack_charges_the_sublayer_tile_overhead_per_tile_and_sublayer():
+    toy = DeviceProfile("toy", 1e9, 1e9, tile_overhead_s=1.0, comm_latency_s=0.0, comm_bus_bytes_s=1e30,
+                        sublayer_tile_overhead_s=0.25)
+    lc, layers = layer_cost(), 3
+    one = simulate_stack(TilePlan.single(1024), lc, Causal(), layers, toy)
+    four = simulate_stack(TilePlan((0, 300, 600, 900, 1024)), lc, Causal(), layers, toy)
+    assert four.compute_s - one.compute_s == pytest.approx(3 * 2 * layers * 0.25)
+    assert DeviceProfile("p", 1, 1, 0.5, 0, 1).stack_tile_overhead_s == 0.5  # default: the block's overhead
+
+
+def test_stack_plan_tiles_only_where_it_pays():
+    assert choose_stack_plan(layer_cost(world=1), Causal(), 4, profile=CPU).plan.num_tiles == 1
+    assert choose_stack_plan(layer_cost(), Causal(), 4, profile=CPU, link=None).plan.num_tiles == 1  # fast gloo
+    heavy = choose_stack_plan(layer_cost(), Causal(), 4, profile=CPU, link=LinkModel(50, 0.04))
+    assert heavy.plan.num_tiles > 1
+    one = simulate_stack(TilePlan.single(1024), layer_cost(), Causal(), 4, CPU, LinkModel(50, 0.04))
+    assert heavy.block_s < 0.9 * one.block_s

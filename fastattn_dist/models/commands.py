@@ -259,7 +259,7 @@ def decode_bytes(cfg, batch: int, kv_len: int, elem: int) -> float:
 
 def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     from ..config import LinkModel
-    from ..runner import job_device, median_ms, sync
+    from ..runner import interleaved_median_ms, job_device, median_ms, sync
     from .config import LlamaConfig
     from .generate import GenerateStats
     from .llama import LlamaForCausalLM
@@ -300,11 +300,11 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
            "dtype": str(dtype).replace("torch.", ""), "prefill_ms": {}, "decode_tokens_per_s": {}}
     reps, warm = opts["repeats"], opts["warmup"]
     with torch.no_grad():
-        for label, tiles in (("ours", "auto"), ("ours_tiles1", 1)):
-            log(f"[bench-model] prefill {label} ({B} x {S} tokens)")
-            res["prefill_ms"][label] = median_ms(lambda: ours(ids, tiles=tiles, last_only=True), device, reps, warm)
-            if label == "ours":
-                res["plan"] = list(ours.last_plan.bounds)
+        log(f"[bench-model] prefill ours, tiles auto and 1, in turn ({B} x {S} tokens)")
+        res["prefill_ms"].update(interleaved_median_ms(
+            {"ours": lambda: ours(ids, tiles="auto", last_only=True),
+             "ours_tiles1": lambda: ours(ids, tiles=1, last_only=True)}, device, reps, warm))
+        res["plan"] = list(ours.plan_for(B, S, "auto").bounds)
         if hf is not None:
             for impl in ("eager", "sdpa"):
                 log(f"[bench-model] prefill transformers {impl}")
@@ -370,6 +370,13 @@ def long_context(model, cfg, opts, rank: int, world: int, log) -> Optional[dict]
         chunk = model.prefill_chunk or 8192
         res["longest_without_offload"] = int((free - (2 << 30) - chunk * 8 * cfg.hidden_size * 2)
                                              // model.kv_bytes_per_token())
+    # Untimed: each path once at a short context (kernel compiles, cuDNN plans, the first pinned allocations),
+    # the offloaded one with half of it on the host.
+    warm_ctx = min(min(opts["contexts"]), 512)
+    warm_ids = torch.randint(3, cfg.vocab_size, (1, warm_ctx), generator=torch.Generator().manual_seed(1)).to(device)
+    for mode in dict.fromkeys("off" if m == "off" else max(1, warm_ctx // 2) for m in opts["kv_offload"]):
+        model.cache, model.kv_plan, model.kv_offload = None, None, mode
+        model.generate(warm_ids, 2, stop_tokens=[], cuda_graph=None if mode == "off" else False)
     for ctx in opts["contexts"]:
         for mode in opts["kv_offload"]:
             run = {"context": ctx, "kv_offload": mode}
@@ -381,7 +388,9 @@ def long_context(model, cfg, opts, rank: int, world: int, log) -> Optional[dict]
             log(f"[bench-model] context {ctx}, kv offload {mode}")
             st = GenerateStats()
             try:
-                model.generate(ids, opts["decode_tokens"], stop_tokens=[], stats=st, cuda_graph=False)
+                # one tier: the decode step as a CUDA graph, as generate does; two tiers: eager (host work per step)
+                model.generate(ids, opts["decode_tokens"], stop_tokens=[], stats=st,
+                               cuda_graph=None if model.kv_offload == "off" else False)
             except (ValueError, torch.OutOfMemoryError) as e:
                 run["error"] = f"{type(e).__name__}: {e}"[:300]
                 log(f"[bench-model]   does not run: {run['error']}")
@@ -559,7 +568,7 @@ def add_bench_model_parser(sub) -> None:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPUs, float32 on CPU")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--repeats", type=positive_int, default=5)
-    p.add_argument("--warmup", type=nonneg_int, default=1)
+    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed runs before timing (default 3: the first runs plan tiles and allocate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=positive_int, default=None, help="with --model tiny: a variant of this depth")
     p.add_argument("--link-latency-us", type=float, default=50.0, help="simulated link of CPU ranks (default 50)")

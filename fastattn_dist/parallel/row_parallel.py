@@ -98,7 +98,7 @@ class TiledRowParallelLinear(nn.Module):
 
     @torch.no_grad()
     def run(self, plan: TilePlan, produce: Produce, out: torch.Tensor, comm, recorder=None,
-            name: str = "o_proj", tile_streams: str = "lead") -> List[CommHandle]:
+            name: str = "o_proj", tile_streams: str = "one") -> List[CommHandle]:
         """For each tile: ``x = produce(i, r0, r1)`` (``[r1 - r0, in_features_local]``), ``out[r0:r1] = x @ W^T``,
         all-reduce ``out[r0:r1]`` asynchronously; ``tile_streams`` as in the module docstring."""
         n = plan.num_tiles

@@ -1,0 +1,90 @@
+"""`fastattn-dist generate` and `bench-model` as users run them: spawned CPU gloo ranks, --json output, and
+bad input answered with one line and rc 2 before any rank starts."""
+import json
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from conftest import run_cli  # noqa: E402
+
+import fastattn_dist  # noqa: E402
+from fastattn_dist.models import tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+def last_json(r):
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_generate_json_equals_the_api_at_world_size_2(tiny):
+    prompts = [[5, 17, 33, 9], [40, 2]]
+    r = run_cli("generate", "--model", tiny, "--prompt-ids", "5,17,33,9", "--prompt-ids", "40,2",
+                "--max-new-tokens", "6", "--stop-tokens", "--world-size", "2", "--json")
+    out = last_json(r)
+    assert out["world_size"] == 2
+    assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0
+    with torch.no_grad():
+        want = fastattn_dist.LlamaForCausalLM.from_pretrained(tiny).generate(prompts, 6, stop_tokens=[])
+    assert out["tokens"] == want and all(len(t) == 6 for t in want)
+
+
+def test_generate_with_a_text_prompt_prints_text(tiny):
+    r = run_cli("generate", "--model", tiny, "--prompt", "hello world", "--max-new-tokens", "4", "--world-size", "1",
+                "--json")
+    out = last_json(r)
+    assert len(out["tokens"]) == 1 and 1 <= len(out["tokens"][0]) <= 4
+    assert "tokens/s" in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--model", "/nonexistent/ckpt", "--prompt-ids", "1,2"], "not a checkpoint directory"),
+    (["--prompt-ids", "1,99999"], "outside the vocabulary"),
+    (["--prompt-ids", ","], "empty"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "100000"], "exceeds"),
+    (["--prompt-ids", "1,2", "--world-size", "3"], "divisible|divide"),
+])
+def test_generate_bad_input_is_one_line_and_rc_2(tiny, args, match):
+    if "--model" not in args:
+        args = ["--model", tiny, *args]
+    r = run_cli("generate", *args, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and "error" in err[0], r.stderr
+    assert re.search(match, err[0]), err[0]
+
+
+def test_bench_model_times_ours_tiles1_and_transformers(tiny):
+    r = run_cli("bench-model", "--model", tiny, "--world-size", "1", "--seq", "40", "--repeats", "1", "--warmup", "0",
+                "--decode-tokens", "2", "--json")
+    out = last_json(r)
+    assert set(out["prefill_ms"]) == {"ours", "ours_tiles1", "hf_eager", "hf_sdpa"}
+    assert all(v > 0 for v in out["prefill_ms"].values())
+    assert out["decode_tokens_per_s"]["ours"] > 0 and out["decode_tokens_per_s"]["hf_sdpa"] > 0
+    assert out["plan"][0] == 0 and out["plan"][-1] == 40
+    assert "| ours_tiles1 |" in r.stdout
+
+
+def test_bench_model_long_context_reports_the_tier_split(tiny):
+    r = run_cli("bench-model", "--model", tiny, "--world-size", "2", "--context", "48", "--kv-offload", "off", "16",
+                "--decode-tokens", "2", "--json")
+    out = last_json(r)
+    off, split = out["runs"]
+    assert off["kv_offload"] == "off" and off["kv_host_gib"] == 0 and off["decode_host"] is None
+    assert split["gpu_tokens"] == 16 and split["kv_host_gib"] > 0 and split["decode_host"] in ("cpu", "stream")
+    assert split["decode_tokens_per_s"] > 0 and split["prefill_tokens_per_s"] > 0
+
+
+def test_bench_model_bad_input(tiny):
+    r = run_cli("bench-model", "--model", "7b", "--world-size", "1", timeout=60)
+    assert r.returncode == 2 and "needs a GPU" in r.stderr
+    r = run_cli("bench-model", "--model", tiny, "--layers", "2", timeout=60)
+    assert r.returncode == 2 and "--layers" in r.stderr

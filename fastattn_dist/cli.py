@@ -1,4 +1,5 @@
-"""Command line: ``fastattn-dist demo | profile | bench | tune`` (also ``python -m fastattn_dist``).
+"""Command line: ``fastattn-dist demo | profile | bench | tune | generate | bench-model`` (also
+``python -m fastattn_dist``).
 
 Without a launcher the CLI spawns local ranks itself (gloo on CPU). Under torchrun or mpirun it
 joins the launcher's process group instead (NCCL when GPUs are visible), and rank 0 prints. Every
@@ -186,7 +187,7 @@ def cmd_profile(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fastattn-dist", description="Tensor-parallel attention with tiling-AllReduce: "
-                                "demo, profile, bench and tune the TP block.")
+                                "demo, profile, bench and tune the TP block; generate with and bench the TP Llama-family model.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the TP block sequentially and tiled, check and time both")

@@ -7,6 +7,7 @@ heads, the prompt against the vocabulary and the context length): a one-line err
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -134,6 +135,13 @@ def cmd_generate(args) -> int:
         if len(p) + args.max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt {i} ({len(p)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
                              f"model's context ({cfg.max_position_embeddings})")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    bad = [t for t in (args.stop_tokens or []) if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"--stop-tokens {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if dtype is None:
         dtype = torch.float32 if launch.device_type() == "cpu" else torch.bfloat16
@@ -211,7 +219,7 @@ def _hf_model(cfg, dtype, device, seed):
     torch.manual_seed(seed)
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_dict())
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
@@ -286,9 +294,11 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
         ours = LlamaForCausalLM.from_pretrained(opts["model"], dtype=dtype, device=device, link=link,
                                                 max_seq_len=opts["seq"] + opts["decode_tokens"] + 1)
         cfg = ours.config
+        if opts["hf"] and world > 1:
+            log("[bench-model] no transformers baselines: they run at --world-size 1 only (one process, whole model)")
         if opts["hf"] and world == 1:
             import transformers
-            hf = transformers.AutoModelForCausalLM.from_pretrained(opts["model"], torch_dtype=dtype,
+            hf = transformers.AutoModelForCausalLM.from_pretrained(opts["model"], dtype=dtype,
                                                                    attn_implementation="sdpa").to(device).eval()
     if opts.get("contexts"):
         return long_context(ours, cfg, opts, rank, world, log)
@@ -442,6 +452,11 @@ def _profile_prefill(model, ids, opts):
     return gather_profile(rec.spans(), estimate_clock_offsets(), meta)
 
 
+def out_label(model: str) -> str:
+    """The model's part of an output file name: the built-in names, else 'ckpt' (a path has slashes)."""
+    return model if model in ("tiny", *SHAPES) else "ckpt"
+
+
 def cmd_bench_model(args) -> int:
     from ..cli import launch_from_args
     from ..runner import run_job
@@ -464,6 +479,23 @@ def cmd_bench_model(args) -> int:
         except ImportError:
             raise ValueError("the transformers baselines need the 'hf' extra (pip install 'fastattn-dist[hf]'); "
                              "or pass --no-hf") from None
+    if path not in SHAPES:
+        from .checkpoint import Checkpoint
+        limit = Checkpoint(path).config.max_position_embeddings
+        longest = max(args.context) if args.context else args.seq
+        if longest + args.decode_tokens > limit:
+            raise ValueError(f"{'--context' if args.context else '--seq'} {longest} + --decode-tokens "
+                             f"{args.decode_tokens} exceeds the model's context ({limit})")
+    modes = args.kv_offload if args.kv_offload is not None else (["off", "auto"] if gpu else ["off"])
+    modes = [_offload_arg(m) for m in modes]
+    if not args.context and args.kv_offload is not None:
+        raise ValueError("--kv-offload goes with --context (long-context mode)")
+    if "auto" in modes and not gpu:
+        raise ValueError("--kv-offload auto splits the KV cache between a GPU and host memory: this run is on CPU "
+                         "(give a number of tokens to split a CPU cache, e.g. --kv-offload off 1024)")
+    if args.out:
+        from ..profiler.export import check_writable
+        check_writable(args.out)
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     opts = {"model": path, "model_label": args.model, "dtype": dtype, "batch": args.batch, "seq": args.seq,
             "decode_tokens": args.decode_tokens, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
@@ -476,7 +508,7 @@ def cmd_bench_model(args) -> int:
     if args.context:
         if args.profile:
             raise ValueError("--profile and --context do not go together")
-        opts.update(contexts=args.context, kv_offload=args.kv_offload, hf=False)
+        opts.update(contexts=args.context, kv_offload=[str(m) for m in modes], hf=False)
     res = run_job(bench_model_rank, launch, (opts,), check_world=check, label="bench-model")
     if res is None:
         return 0
@@ -488,7 +520,7 @@ def cmd_bench_model(args) -> int:
         print(context_markdown(res))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"bench_context_{args.model}.json"), "w") as f:
+            with open(os.path.join(args.out, f"bench_context_{out_label(args.model)}.json"), "w") as f:
                 json.dump(res, f, indent=1)
         if args.json:
             print(json.dumps(res))
@@ -507,8 +539,7 @@ def cmd_bench_model(args) -> int:
     print(markdown(res))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"bench_model_{args.model if args.model in ('7b', 'tiny') else 'ckpt'}.json"),
-                  "w") as f:
+        with open(os.path.join(args.out, f"bench_model_{out_label(args.model)}.json"), "w") as f:
             json.dump(res, f, indent=1)
     if args.json:
         print(json.dumps(res))
@@ -560,13 +591,15 @@ def add_bench_model_parser(sub) -> None:
                                                                "Llama-2-7B-shaped weights, GPU)")
     p.add_argument("--context", type=positive_int, nargs="*", default=None,
                    help="long-context mode: prefill each of these contexts, then --decode-tokens steps, per --kv-offload")
-    p.add_argument("--kv-offload", nargs="*", default=["off", "auto"],
-                   help="with --context: KV cache modes to run: off, auto, or a number of tokens on the device")
+    p.add_argument("--kv-offload", nargs="+", default=None,
+                   help="with --context: KV cache modes to run: off, auto (GPU), or a number of tokens on the device "
+                        "(default: off auto on GPUs, off on CPU)")
     p.add_argument("--seq", type=positive_int, default=1024, help="prompt tokens per sequence (default 1024)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPUs, float32 on CPU")
-    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the transformers baselines (they run at --world-size 1 only, or with --model 7b/7b-mha)")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed runs before timing (default 3: the first runs plan tiles and allocate)")
     p.add_argument("--seed", type=int, default=0)
@@ -578,6 +611,7 @@ def add_bench_model_parser(sub) -> None:
     p.add_argument("--no-link", action="store_true", help="no simulated link")
     p.add_argument("--profile", default=None, help="record the 1-tile and the tiled prefill: timeline, trace and "
                                                    "metrics into this folder")
-    p.add_argument("--out", default=None, help="folder for bench_model_<model>.json")
+    p.add_argument("--out", default=None, help="folder for the JSON: bench_model_<name>.json (bench_context_<name>.json "
+                                               "with --context), name = tiny, 7b, 7b-mha, or ckpt for a directory")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     p.set_defaults(func=cmd_bench_model)

@@ -5,17 +5,20 @@ memory (``TieredKVCache``): the oldest keys are the ones every later query reads
 tier, and a growing sequence spills its newest tokens to the host. Attention runs where the keys are:
 
 * prefill, in chunks of the sequence (activations stay bounded at any length): a chunk attends to its
-  own keys (causal), the device tier's, and the host tier's; host keys are streamed to the device in
-  blocks (double-buffered on a copy stream, the next block copying while the current one is attended),
-  or attended on the CPU, whichever ``OffloadPlan`` predicts faster; new keys of the host tier are
-  written by asynchronous copies on the copy stream, overlapped with compute.
+  own keys (causal), the device tier's, and the host tier's; on a GPU host keys are streamed to the device
+  in blocks (double-buffered on a copy stream, the next block copying while the current one is attended:
+  a chunk of C queries does C times more work per key than the copy costs, so the CPU never wins here),
+  without one they are attended on the CPU; new keys of the host tier are written by asynchronous copies
+  on the copy stream, overlapped with compute.
 * decode: the device tier on the device while a worker thread attends the host tier on the CPU (only a
   query and a partial result cross PCIe), or host blocks streamed to the device, by the same plan.
 Partial results over disjoint keys are merged exactly by their log-sum-exp (``merge``).
 
 ``OffloadPlan.decide`` picks the split ("auto": from free device memory and a host budget; "off"; or a
-token count) and measures, once, the host-to-device copy rate and the CPU's attention rate to choose
-between streaming and CPU attention. On CPU-only runs both tiers are CPU tensors (tests).
+token count) and measures, once per process and device, the host-to-device copy rate and the CPU's
+attention rate to choose between streaming and CPU attention for decode. The default host budget is
+80% of the host memory available, shared by the ranks of this node. On CPU-only runs both tiers are CPU
+tensors (tests).
 """
 from __future__ import annotations
 
@@ -31,6 +34,17 @@ from ..attention import kernel_for, run_kernel
 from ..masks import Mask
 
 GIB = 1 << 30
+
+
+def local_ranks() -> int:
+    """Ranks of this job on this node (launcher variables; 1 when none is set)."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        if name in os.environ:
+            try:
+                return max(1, int(os.environ[name]))
+            except ValueError:
+                pass
+    return 1
 
 
 def host_memory_bytes() -> int:
@@ -68,8 +82,9 @@ class OffloadPlan:
         host = self.max_seq_len - self.gpu_tokens
         return (f"KV cache: {self.gpu_tokens} tokens on the device ({self.gpu_tokens * self.bytes_per_token / GIB:.1f} "
                 f"GiB), {host} on the host ({host * self.bytes_per_token / GIB:.1f} GiB); host-tier attention: "
-                f"prefill {self.prefill_host}, decode {self.decode_host} (measured: host->device "
-                f"{self.pcie_gbps:.1f} GB/s, CPU attention {self.cpu_gbps:.1f} GB/s of K/V). {self.why}")
+                f"prefill {self.prefill_host}, decode {self.decode_host} (measured: "
+                + (f"host->device {self.pcie_gbps:.1f} GB/s, " if self.pcie_gbps > 0 else "")
+                + f"CPU attention {self.cpu_gbps:.1f} GB/s of K/V). {self.why}")
 
     @classmethod
     def decide(cls, mode, *, max_seq_len: int, batch: int, bytes_per_token: int, device: torch.device,
@@ -108,7 +123,8 @@ class OffloadPlan:
             raise ValueError(f"no room for the KV cache on {device}: free memory is below the {reserve_bytes / GIB:.1f} "
                              "GiB kept for activations")
         host_need = (max_seq_len - gpu_tokens) * batch * bytes_per_token
-        budget = host_budget_bytes if host_budget_bytes is not None else int(0.8 * host_memory_bytes())
+        # the ranks of a node share its memory: each takes its share of the default budget
+        budget = host_budget_bytes if host_budget_bytes is not None else int(0.8 * host_memory_bytes()) // local_ranks()
         if host_need > budget:
             raise ValueError(f"the KV cache's host tier needs {host_need / GIB:.1f} GiB for {max_seq_len} tokens x "
                              f"{batch} sequences, over the host budget of {budget / GIB:.1f} GiB: lower the context "
@@ -124,8 +140,19 @@ class OffloadPlan:
         return plan
 
 
+_RATES: dict = {}  # device -> measured rates: a cache made again later does not measure again
+
+
 def measure_rates(device: torch.device, mb: Optional[int] = None) -> Tuple[float, float]:
-    """(host -> device copy GB/s from pinned memory, CPU decode-attention GB/s of K/V): a few milliseconds."""
+    """(host -> device copy GB/s from pinned memory, CPU decode-attention GB/s of K/V): a few milliseconds,
+    once per process and device."""
+    key = str(device)
+    if key not in _RATES:
+        _RATES[key] = _measure_rates(device, mb)
+    return _RATES[key]
+
+
+def _measure_rates(device: torch.device, mb: Optional[int] = None) -> Tuple[float, float]:
     mb = mb or (256 if device.type == "cuda" else 16)
     pcie = 0.0
     if device.type == "cuda":

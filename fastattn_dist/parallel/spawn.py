@@ -121,6 +121,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
         torch.set_num_threads(threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)  # all spawned ranks share this node (as torchrun says)
     try:
         init_distributed(backend, rank=rank, world_size=world_size, master_port=port, timeout_s=timeout_s,
                          launcher="spawn")

@@ -51,15 +51,22 @@ def test_generate_with_a_text_prompt_prints_text(tiny):
     (["--prompt-ids", ","], "empty"),
     (["--prompt-ids", "1,2", "--max-new-tokens", "100000"], "exceeds"),
     (["--prompt-ids", "1,2", "--world-size", "3"], "divisible|divide"),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], "--temperature"),
+    (["--prompt-ids", "1,2", "--top-p", "1.5"], "--top-p"),
+    (["--prompt-ids", "1,2", "--stop-tokens", "99999"], "--stop-tokens"),
 ])
 def test_generate_bad_input_is_one_line_and_rc_2(tiny, args, match):
+    assert_one_line_error("generate", tiny, args, match)
+
+
+def assert_one_line_error(command, tiny, args, match):
+    """The CLI answers with one error line naming the problem and exit code 2 (before any rank starts)."""
     if "--model" not in args:
         args = ["--model", tiny, *args]
-    r = run_cli("generate", *args, timeout=120)
+    r = run_cli(command, *args, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
     err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(err) == 1 and "error" in err[0], r.stderr
-    assert re.search(match, err[0]), err[0]
+    assert len(err) == 1 and "error" in err[0] and re.search(match, err[0]), r.stderr
 
 
 def test_bench_model_times_ours_tiles1_and_transformers(tiny):
@@ -83,8 +90,22 @@ def test_bench_model_long_context_reports_the_tier_split(tiny):
     assert split["decode_tokens_per_s"] > 0 and split["prefill_tokens_per_s"] > 0
 
 
-def test_bench_model_bad_input(tiny):
-    r = run_cli("bench-model", "--model", "7b", "--world-size", "1", timeout=60)
-    assert r.returncode == 2 and "needs a GPU" in r.stderr
-    r = run_cli("bench-model", "--model", tiny, "--layers", "2", timeout=60)
-    assert r.returncode == 2 and "--layers" in r.stderr
+@pytest.mark.parametrize("args, match", [
+    (["--model", "7b", "--world-size", "1"], "needs a GPU"),
+    (["--layers", "2"], "--layers"),
+    (["--context", "64", "--kv-offload", "foo"], "--kv-offload takes"),
+    (["--context", "64", "--kv-offload", "auto"], "this run is on CPU"),
+    (["--kv-offload", "16"], "goes with --context"),
+    (["--seq", "5000"], "exceeds the model's context"),
+    (["--context", "4096"], "exceeds the model's context"),
+])
+def test_bench_model_bad_input_is_one_line_and_rc_2(tiny, args, match):
+    assert_one_line_error("bench-model", tiny, args, match)
+
+
+def test_bench_model_writes_its_json_for_a_checkpoint_path(tiny, tmp_path):
+    r = run_cli("bench-model", "--model", tiny, "--world-size", "1", "--context", "40", "--kv-offload", "off",
+                "--decode-tokens", "2", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "out" / "bench_context_ckpt.json") as f:
+        assert json.load(f)["runs"][0]["context"] == 40

@@ -68,3 +68,26 @@ def test_offload_requests_that_cannot_fit_fail_before_allocating():
     plan = OffloadPlan.decide(64, max_seq_len=256, batch=2, bytes_per_token=1024, device=torch.device("cpu"),
                               host_budget_bytes=1 << 30, measure=False)
     assert plan.offloaded and plan.gpu_tokens == 64 and "192 on the host" in plan.describe()
+
+
+def test_default_host_budget_is_shared_by_the_ranks_of_a_node(monkeypatch):
+    from fastattn_dist.models import kv_offload
+
+    monkeypatch.setattr(kv_offload, "host_memory_bytes", lambda: 10 << 30)  # 8 GiB budget for the node
+    need = dict(max_seq_len=4096, batch=1, bytes_per_token=1 << 20, device=torch.device("cpu"), measure=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert OffloadPlan.decide(1, **need).offloaded  # 4 GiB on the host: fits 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="host budget of 2.0 GiB"):  # a quarter of it per rank
+        OffloadPlan.decide(1, **need)
+
+
+def test_rates_are_measured_once_per_device(monkeypatch):
+    from fastattn_dist.models import kv_offload
+
+    calls = []
+    monkeypatch.setattr(kv_offload, "_RATES", {})
+    monkeypatch.setattr(kv_offload, "_measure_rates", lambda device, mb=None: calls.append(device) or (1.0, 2.0))
+    assert kv_offload.measure_rates(torch.device("cpu")) == (1.0, 2.0)
+    assert kv_offload.measure_rates(torch.device("cpu")) == (1.0, 2.0)
+    assert len(calls) == 1

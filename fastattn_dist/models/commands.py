@@ -377,16 +377,14 @@ def long_context(model, cfg, opts, rank: int, world: int, log) -> Optional[dict]
         free, total = torch.cuda.mem_get_info(device)
         res["device_free_gib"] = free / (1 << 30)
         model.kv_offload = "off"
-        chunk = model.prefill_chunk or 8192
-        res["longest_without_offload"] = int((free - (2 << 30) - chunk * 8 * cfg.hidden_size * 2)
-                                             // model.kv_bytes_per_token())
+        res["longest_without_offload"] = int((free - model.kv_reserve_bytes()) // model.kv_bytes_per_token())
     # Untimed: each path once at a short context (kernel compiles, cuDNN plans, the first pinned allocations),
     # the offloaded one with half of it on the host.
     warm_ctx = min(min(opts["contexts"]), 512)
     warm_ids = torch.randint(3, cfg.vocab_size, (1, warm_ctx), generator=torch.Generator().manual_seed(1)).to(device)
     for mode in dict.fromkeys("off" if m == "off" else max(1, warm_ctx // 2) for m in opts["kv_offload"]):
         model.cache, model.kv_plan, model.kv_offload = None, None, mode
-        model.generate(warm_ids, 2, stop_tokens=[], cuda_graph=None if mode == "off" else False)
+        model.generate(warm_ids, 2, stop_tokens=[])
     for ctx in opts["contexts"]:
         for mode in opts["kv_offload"]:
             run = {"context": ctx, "kv_offload": mode}
@@ -398,9 +396,7 @@ def long_context(model, cfg, opts, rank: int, world: int, log) -> Optional[dict]
             log(f"[bench-model] context {ctx}, kv offload {mode}")
             st = GenerateStats()
             try:
-                # one tier: the decode step as a CUDA graph, as generate does; two tiers: eager (host work per step)
-                model.generate(ids, opts["decode_tokens"], stop_tokens=[], stats=st,
-                               cuda_graph=None if model.kv_offload == "off" else False)
+                model.generate(ids, opts["decode_tokens"], stop_tokens=[], stats=st)
             except (ValueError, torch.OutOfMemoryError) as e:
                 run["error"] = f"{type(e).__name__}: {e}"[:300]
                 log(f"[bench-model]   does not run: {run['error']}")
@@ -518,13 +514,7 @@ def cmd_bench_model(args) -> int:
     res["device_name"] = torch.cuda.get_device_name(0) if gpu else (platform.processor() or "CPU")
     if args.context:
         print(context_markdown(res))
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"bench_context_{out_label(args.model)}.json"), "w") as f:
-                json.dump(res, f, indent=1)
-        if args.json:
-            print(json.dumps(res))
-        return 0
+        return _write_results(res, args, "bench_context")
     prof = res.pop("profile", None)
     if prof is not None:
         from ..profiler.export import write_outputs
@@ -537,9 +527,14 @@ def cmd_bench_model(args) -> int:
         print(format_runs(summary))
         print("wrote " + ", ".join(paths), file=sys.stderr)
     print(markdown(res))
+    return _write_results(res, args, "bench_model")
+
+
+def _write_results(res: dict, args, kind: str) -> int:
+    """``--out``: ``<kind>_<model label>.json`` there; ``--json``: the same object on the last line."""
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"bench_model_{out_label(args.model)}.json"), "w") as f:
+        with open(os.path.join(args.out, f"{kind}_{out_label(args.model)}.json"), "w") as f:
             json.dump(res, f, indent=1)
     if args.json:
         print(json.dumps(res))

@@ -111,7 +111,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     ``prompts``: a ``[B, S]`` id tensor or a list of id lists of any lengths. ``temperature`` 0 is greedy;
     otherwise softmax sampling at that temperature from the top-``top_p`` mass, seeded by ``seed``.
     ``stop_tokens``: default the checkpoint's eos tokens. ``cuda_graph``: replay the decode step as a
-    graph (default: on GPUs). ``stats``: filled with token counts and times.
+    graph (default: on GPUs where the step allows it, ``model.decode_step_capturable``). ``stats``: filled
+    with token counts and times.
     """
     stop = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
     _check(model, max_new_tokens, temperature, top_p, stop)
@@ -123,7 +124,10 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         raise ValueError(f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the checkpoint's "
                          f"max_position_embeddings ({model.config.max_position_embeddings})")
     model.reset_cache(B, max(model.max_seq_len, need))
-    graphs = model.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    graphs = model.decode_step_capturable if cuda_graph is None else bool(cuda_graph)
+    if graphs and not model.decode_step_capturable:
+        raise ValueError("cuda_graph=True: this decode step cannot be captured (a host KV tier or a sliding window "
+                         "shorter than the cache reads lengths back to the host); leave cuda_graph=None")
     gen = None
     if temperature > 0:
         gen = torch.Generator(device=model.device)

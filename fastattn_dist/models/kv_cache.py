@@ -21,6 +21,17 @@ class KVCache:
         self.batch, self.max_seq_len = batch, max_seq_len
         self._rows = torch.arange(batch, device=device)
 
+    @classmethod
+    def shared_layers(cls, num_layers: int, batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device) -> "KVCache":
+        """One layer's (uninitialised) buffers behind every layer: scratch for a cache-less forward, where
+        layer i's keys are written before they are read and are not needed once layer i is done."""
+        c = cls(0, batch, max_seq_len, kv_heads, head_dim, dtype, device)
+        shape = (batch, max_seq_len, kv_heads, head_dim)
+        k, v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        c.k, c.v = [k] * num_layers, [v] * num_layers
+        return c
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

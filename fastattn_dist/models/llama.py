@@ -123,6 +123,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = self.embed if config.tie_word_embeddings else \
             nn.Parameter(torch.zeros(self.tp.vocab, H, **kw), requires_grad=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
+        if comm != "nccl":
+            # the copy-engine path reuses one symmetric buffer per shape, and a model's sublayers follow each other
+            # without the end-of-block barrier that keeps a rank from rewriting it while peers still read it
+            raise ValueError(f"the model's all-reduces take comm='nccl' (the process group's; gloo on CPU ranks), "
+                             f"got {comm!r}")
         self.comm = make_comm(comm, group, device, link)
         self.link = link
         if kv_offload not in ("off", "auto") and (isinstance(kv_offload, bool) or not isinstance(kv_offload, int)
@@ -291,8 +296,14 @@ class LlamaForCausalLM(nn.Module):
         return self.logits(h[rows])
 
     def _scratch_kv(self, batch: int, seq: int) -> KVCache:
+        """Keys/values for a forward without a cache: layers run one after another and each reads only its own,
+        so every layer shares one layer's buffers, kept for the next call of the same shape."""
         tp = self.tp
-        return KVCache(len(self.layers), batch, seq, tp.kv_heads, tp.head_dim, self.dtype, self.device)
+        key = (batch, seq, self.dtype)
+        if getattr(self, "_scratch", (None,))[0] != key:
+            self._scratch = (key, KVCache.shared_layers(len(self.layers), batch, seq, tp.kv_heads, tp.head_dim,
+                                                        self.dtype, self.device))
+        return self._scratch[1]
 
     def _prefill(self, ids: torch.Tensor, lengths: Optional[torch.Tensor], kv: KVCache, start: int, tiles) -> torch.Tensor:
         """Run every layer over ``ids`` ``[B, S]`` at positions start.., writing keys/values into ``kv``;
@@ -406,17 +417,20 @@ class LlamaForCausalLM(nn.Module):
         """K and V of one position of one sequence, all layers, on this rank."""
         return 2 * len(self.layers) * self.tp.kv_heads * self.tp.head_dim * self.embed.element_size()
 
+    def kv_reserve_bytes(self) -> int:
+        """Device memory a KV cache must leave free: a prefill chunk's activations, the streamed host blocks,
+        and 2 GiB of slack (allocator, workspaces)."""
+        tp, chunk = self.tp, self.prefill_chunk or 8192
+        acts = chunk * (6 * self.config.hidden_size + 4 * tp.inter + 4 * (tp.heads + 2 * tp.kv_heads) * tp.head_dim)
+        return acts * self.embed.element_size() + 2 * 16384 * self.kv_bytes_per_token() // len(self.layers) + (2 << 30)
+
     def _new_cache(self, batch: int, n: int):
         from .kv_offload import OffloadPlan, TieredKVCache
 
         tp = self.tp
         budget = None if self.host_budget_gb is None else int(self.host_budget_gb * (1 << 30))
-        chunk = self.prefill_chunk or 8192
-        # kept free on the device for a prefill chunk's activations and the streamed host blocks
-        reserve = chunk * (6 * self.config.hidden_size + 4 * tp.inter + 4 * (tp.heads + 2 * tp.kv_heads) * tp.head_dim) \
-            * self.embed.element_size() + 2 * 16384 * self.kv_bytes_per_token() // len(self.layers) + (2 << 30)
         plan = OffloadPlan.decide(self.kv_offload, max_seq_len=n, batch=batch, bytes_per_token=self.kv_bytes_per_token(),
-                                  device=self.device, host_budget_bytes=budget, reserve_bytes=reserve)
+                                  device=self.device, host_budget_bytes=budget, reserve_bytes=self.kv_reserve_bytes())
         self.kv_plan = plan
         if not plan.offloaded:
             return KVCache(len(self.layers), batch, n, tp.kv_heads, tp.head_dim, self.dtype, self.device)
@@ -462,19 +476,28 @@ class LlamaForCausalLM(nn.Module):
             return self._decode_step_tiered(ids)
         if self.device.type == "cuda" and self.dtype != torch.float64:
             return self._decode_step_fused(ids)
+        c, window = self.cache, self._decode_window()
+        kv_len = c.lengths + 1
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            c.append(li, k, v)
+            return decode_attention(q, c.k[li], c.v[li], kv_len, window=window)
+
+        return self._decode_layers(ids, attend)
+
+    def _decode_layers(self, ids: torch.Tensor, attend) -> torch.Tensor:
+        """The plain-PyTorch decode step; ``attend(layer, q, k, v)`` stores the new key/value and returns the
+        attention output ``[B, 1, heads, D]`` (one cache tier, or two)."""
         cfg, tp, c = self.config, self.tp, self.cache
         B, D = ids.shape[0], tp.head_dim
-        window = self._decode_window()
-        h = self.embed_tokens(ids)
         pos = c.lengths[:, None]
-        kv_len = c.lengths + 1
+        h = self.embed_tokens(ids)
         for li, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             q, k, v = layer.qkv(x).split([tp.heads * D, tp.kv_heads * D, tp.kv_heads * D], dim=-1)
             q = self.rotary.apply(q.view(B, 1, tp.heads, D), pos)
             k = self.rotary.apply(k.view(B, 1, tp.kv_heads, D), pos)
-            c.append(li, k, v.view(B, 1, tp.kv_heads, D))
-            a = decode_attention(q, c.k[li], c.v[li], kv_len, window=window).reshape(B, tp.heads * D)
+            a = attend(li, q, k, v.reshape(B, 1, tp.kv_heads, D)).reshape(B, tp.heads * D)
             o = self._all_reduce(a @ layer.o_proj.weight.t())
             h = h + (o if layer.o_bias is None else o + layer.o_bias)
             m = layer.mlp_input(rms_norm(h, layer.post_norm, cfg.rms_norm_eps))
@@ -488,31 +511,27 @@ class LlamaForCausalLM(nn.Module):
         in; attention runs on both tiers and is merged by LSE (kv_offload.py). Not a CUDA graph (host work)."""
         from .kv_offload import tiered_decode_attention
 
-        cfg, tp, c = self.config, self.tp, self.cache
-        B, D = ids.shape[0], tp.head_dim
-        window = self._decode_window()
-        pos = c.lengths[:, None]
+        c, window = self.cache, self._decode_window()
         lens = [n + 1 for n in c.host_lengths]
         if max(lens) > c.max_seq_len:
             raise ValueError(f"the KV cache holds {c.max_seq_len} tokens per sequence: no room for another")
-        h = self.embed_tokens(ids)
-        for li, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            q, k, v = layer.qkv(x).split([tp.heads * D, tp.kv_heads * D, tp.kv_heads * D], dim=-1)
-            q = self.rotary.apply(q.view(B, 1, tp.heads, D), pos)
-            k = self.rotary.apply(k.view(B, 1, tp.kv_heads, D), pos)
-            v = v.reshape(B, 1, tp.kv_heads, D)
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             for b, n in enumerate(c.host_lengths):  # sequences sit at different positions
                 c.write_block(li, b, b + 1, n, k[b:b + 1], v[b:b + 1])
-            a = tiered_decode_attention(c, li, q, lens, self.kv_plan.decode_host, window).reshape(B, tp.heads * D)
-            o = self._all_reduce(a @ layer.o_proj.weight.t())
-            h = h + (o if layer.o_bias is None else o + layer.o_bias)
-            m = layer.mlp_input(rms_norm(h, layer.post_norm, cfg.rms_norm_eps))
-            d = self._all_reduce(m @ layer.down.weight.t())
-            h = h + (d if layer.down_bias is None else d + layer.down_bias)
-        c.lengths.add_(1)
+            return tiered_decode_attention(c, li, q, lens, self.kv_plan.decode_host, window)
+
+        logits = self._decode_layers(ids, attend)
         c.host_lengths = lens
-        return self.logits(h)
+        return logits
+
+    @property
+    def decode_step_capturable(self) -> bool:
+        """Whether ``decode_step`` on the current cache can be captured as a CUDA graph: not over a host tier
+        and not with a sliding window shorter than the cache (both read lengths back to the host)."""
+        from .kv_offload import TieredKVCache
+        return (self.device.type == "cuda" and self.cache is not None and not isinstance(self.cache, TieredKVCache)
+                and self._decode_window() is None)
 
     def _decode_window(self) -> Optional[int]:
         w = self.config.sliding_window

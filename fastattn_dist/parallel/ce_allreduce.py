@@ -23,7 +23,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from .comm import CommHandle, comm_stream
+from .comm import CommHandle, comm_stream, on_comm_stream
 
 BARRIER_TIMEOUT_MS = 120_000
 
@@ -91,11 +91,7 @@ class CopyEngineAllReduce:
         chunks = chunk_bounds(r0, r1, self.world_size)
         c0, c1 = chunks[self.rank]
         out, bar = self._out, self._handle.barrier
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            if getattr(self, "_timing", False):
-                h.start_event = torch.cuda.Event(enable_timing=True)
-                h.start_event.record()
+        with on_comm_stream(h, self._stream, self.device, getattr(self, "_timing", False)):
             bar(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
             if c1 > c0:
                 staging = self._staging[:, : c1 - c0]
@@ -107,11 +103,6 @@ class CopyEngineAllReduce:
             for p, (p0, p1) in enumerate(chunks):
                 if p != self.rank and p1 > p0:
                     out[p0:p1].copy_(self._peers[p][p0:p1], non_blocking=True)
-            if getattr(self, "_timing", False):
-                h.end_event = torch.cuda.Event(enable_timing=True)
-                h.end_event.record()
-            h.done = torch.cuda.Event()
-            h.done.record()
         return h
 
     def wait(self, handle: CommHandle) -> None:

@@ -21,6 +21,7 @@ later of the real and the modelled completion.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -62,6 +63,23 @@ class CommHandle:
         if self.done_time is None and self.modeled_end is None:
             return None
         return max(t for t in (self.done_time, self.modeled_end) if t is not None)
+
+
+@contextlib.contextmanager
+def on_comm_stream(h: CommHandle, stream: "torch.cuda.Stream", device: torch.device, timing: bool):
+    """The body runs on the comm stream, after the compute queued so far; timing events bracket it when asked
+    (the profiler), and ``h.done`` marks its end (what the compute stream waits for)."""
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        if timing:
+            h.start_event = torch.cuda.Event(enable_timing=True)
+            h.start_event.record()
+        yield
+        if timing:
+            h.end_event = torch.cuda.Event(enable_timing=True)
+            h.end_event.record()
+        h.done = torch.cuda.Event()
+        h.done.record()
 
 
 def comm_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -117,18 +135,9 @@ class ProcessGroupAllReduce:
         if self.world_size == 1:
             return h
         if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                if self._timing:
-                    h.start_event = torch.cuda.Event(enable_timing=True)
-                    h.start_event.record()
+            with on_comm_stream(h, self._stream, self.device, self._timing):
                 work = dist.all_reduce(tensor, group=self.group, async_op=True)
                 work.wait()  # the comm stream (not the host) waits for NCCL's stream
-                if self._timing:
-                    h.end_event = torch.cuda.Event(enable_timing=True)
-                    h.end_event.record()
-                h.done = torch.cuda.Event()
-                h.done.record()
             tensor.record_stream(self._stream)
             return h
         now = time.perf_counter()

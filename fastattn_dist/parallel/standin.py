@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .comm import CommHandle, comm_stream
+from .comm import CommHandle, comm_stream, on_comm_stream
 
 # Least-squares fits of t = latency + bus_bytes / bandwidth to the all-reduce times of [S, hidden]
 # bf16 outputs (S = 2K..32K, hidden 4096/8192) measured with NCCL on H200 x2 / x4 over NVLink.
@@ -208,17 +208,8 @@ class StandInAllReduce:
 
     def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
         h = CommHandle(tile, piece.numel() * piece.element_size())
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            if self._timing:
-                h.start_event = torch.cuda.Event(enable_timing=True)
-                h.start_event.record()
+        with on_comm_stream(h, self._stream, self.device, self._timing):
             self.issue(piece)
-            if self._timing:
-                h.end_event = torch.cuda.Event(enable_timing=True)
-                h.end_event.record()
-            h.done = torch.cuda.Event()
-            h.done.record()
         piece.record_stream(self._stream)
         return h
 

@@ -1,7 +1,5 @@
 """One-GPU TP emulation on a real GPU: the comm stand-in's timing, and the tiled block on prioritised tile
 streams equal to the sequential block. Skipped without CUDA; run with ``python -m pytest tests/gpu``."""
-import statistics
-
 import pytest
 import torch
 
@@ -11,23 +9,11 @@ BF16 = torch.bfloat16
 
 
 def _graph_ms(fn, repeats=15):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of ``fn`` replayed as a CUDA graph (the package's own capture and timer)."""
+    from fastattn_dist.parallel.graphs import capture_cuda
+    from fastattn_dist.runner import median_ms
+
+    return median_ms(capture_cuda(fn, warmup=1), torch.device("cuda"), repeats, 0)
 
 
 @pytest.mark.parametrize("path", ["nccl", "copy_engine"])

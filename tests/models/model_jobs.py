@@ -52,3 +52,27 @@ def offload_outputs(rank, world, path, prompts, lengths, steps, offload, chunk, 
     c = model.cache
     split = None if model.kv_plan is None or not model.kv_plan.offloaded else (c.gpu_tokens, c.max_seq_len - c.gpu_tokens)
     return {"logits": torch.stack(logits), "split": split}
+
+
+def bad_model_call(rank, world, path, case):
+    """One bad use of the model's API, the same on every rank; each rank must raise by itself."""
+    from fastattn_dist.models.llama import LlamaForCausalLM
+
+    if case == "missing checkpoint":
+        LlamaForCausalLM.from_pretrained(path + "-nonexistent")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, max_seq_len=64)
+    with torch.no_grad():
+        if case == "ids out of range":
+            model(torch.tensor([[1, 2, model.config.vocab_size]]))
+        elif case == "empty input":
+            model(torch.zeros(1, 0, dtype=torch.int64))
+        elif case == "empty prompt":
+            model.generate([[1, 2], []], 4)
+        elif case == "prompt longer than the context":
+            model.generate([[1] * (model.config.max_position_embeddings - 5)], 10)
+        elif case == "prompt longer than the cache":
+            model.reset_cache(1, 16)
+            model.prefill(torch.ones(1, 20, dtype=torch.int64))
+        elif case == "float ids":
+            model(torch.ones(1, 4))
+    return "no error"

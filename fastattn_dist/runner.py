@@ -179,9 +179,8 @@ def _share_cpu_cores() -> None:
     """CPU ranks of one node split its cores, unless the user set OMP_NUM_THREADS (torchrun does)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    local = next((int(os.environ[n]) for n in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                                                "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE") if n in os.environ), 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    from .parallel.process_group import local_ranks
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks()))
 
 
 def run_job(job: Callable, launch: Launch, job_args: Sequence[Any] = (),

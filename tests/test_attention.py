@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REL_TOL, assert_close_to_ref, rel_err
+from conftest import assert_close_to_ref, rel_err
 from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow, attention
 from fastattn_dist.attention import BlockStats, reference_attention
 from fastattn_dist.reference_block import attention64

@@ -23,7 +23,6 @@ tensors (tests).
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -32,19 +31,9 @@ import torch
 
 from ..attention import kernel_for, run_kernel
 from ..masks import Mask
+from ..parallel.process_group import local_ranks
 
 GIB = 1 << 30
-
-
-def local_ranks() -> int:
-    """Ranks of this job on this node (launcher variables; 1 when none is set)."""
-    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
-        if name in os.environ:
-            try:
-                return max(1, int(os.environ[name]))
-            except ValueError:
-                pass
-    return 1
 
 
 def host_memory_bytes() -> int:

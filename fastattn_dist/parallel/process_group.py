@@ -60,6 +60,13 @@ def env_int(*names: str) -> Optional[int]:
     return None
 
 
+def local_ranks() -> int:
+    """Ranks of this job on this node, as the launcher says (torchrun, Open MPI, MPICH, Slurm; our own spawn
+    sets LOCAL_WORLD_SIZE); 1 when none does."""
+    return max(1, env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                          "SLURM_NTASKS_PER_NODE") or 1)
+
+
 def detect_launcher() -> str:
     """Which launcher started this process: torchrun, mpi, slurm, or none."""
     if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):

@@ -266,3 +266,16 @@ def test_merge_kernel_matches_torch_formula(dt):
     assert torch.allclose(out.float(), want.float(), atol=TOL[dt], rtol=TOL[dt])
     assert torch.equal(out[0, 4, 1], o_b[0, 4, 1])
     assert buf[:, :2].abs().sum() == 0 and buf[:, S + 2:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("major,d_pad", [(9, 64), (9, 128), (9, 256), (8, 128)])
+def test_calls_without_tma_descriptors_can_only_get_pointer_configs(major, d_pad):
+    """Triton's autotuner caches its pick per key and skips pruning on a hit, so the TMA choice is made by which
+    launcher a call reaches: one that may hand a TMA config to a call whose layout gave no descriptors (a strided
+    KV-cache slice) compiles ``q_desc.load`` on None (seen on an H200, 2026-12-01)."""
+    without = triton_fa._tuner(major, d_pad, False)
+    assert without.configs and not any(c.kwargs["USE_TMA"] for c in without.configs)
+    with_descs = triton_fa._tuner(major, d_pad, True)
+    assert with_descs is not without
+    assert any(c.kwargs["USE_TMA"] for c in with_descs.configs) == (major >= 9 and d_pad < 256)
+    assert triton_fa._tuner(major, d_pad, False) is without  # one launcher per family: tuned once per process

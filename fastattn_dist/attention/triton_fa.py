@@ -296,12 +296,18 @@ _KEY = ["TUNE_Q", "TUNE_K", "TUNE_BH", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "H
 _TUNERS = {}
 
 
-def _tuner(major: int, d_pad: int):
-    """One autotuned launcher per GPU family (and for head_dim 256); triton.autotune caches the best
-    config per key in memory, so each shape bucket is tuned once per process."""
-    fam = (major, d_pad >= 256)
+def _tuner(major: int, d_pad: int, tma: bool):
+    """One autotuned launcher per GPU family (and for head_dim 256) and per descriptor availability.
+
+    ``tma``: whether this call has TMA descriptors. It must be part of the launcher's identity, not only of
+    the pruning: ``triton.autotune`` caches the best config per ``_KEY`` and skips pruning on a hit, so a
+    single launcher that had tuned a TMA config on a call with descriptors would hand it to a later call of
+    the same key without them (a strided slice of a KV cache): a compile error on ``q_desc.load``. The
+    launcher of calls without descriptors holds no TMA config at all."""
+    fam = (major, d_pad >= 256, tma)
     if fam not in _TUNERS:
-        _TUNERS[fam] = triton.autotune(configs=family_configs(major, d_pad), key=_KEY,
+        configs = [c for c in family_configs(major, d_pad) if tma or not c.kwargs["USE_TMA"]]
+        _TUNERS[fam] = triton.autotune(configs=configs, key=_KEY,
                                        prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
     return _TUNERS[fam]
 
@@ -394,7 +400,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
                                "BLOCK_M": fixed["BLOCK_M"], "BLOCK_N": fixed["BLOCK_N"], "D_PAD": d_pad})
             _attn_fwd[grid](*args, *descs, *strides, *scalars, **meta, **fixed, INTERPRET=interp)
         else:
-            _tuner(major, d_pad)[grid](*args, *descs, *strides, *scalars, **meta)
+            _tuner(major, d_pad, descs[0] is not None)[grid](*args, *descs, *strides, *scalars, **meta)
     if return_lse:
         return out, lse
     return out

@@ -138,8 +138,7 @@ def bench_shape(hidden: int, heads: int, kv_heads: int, batch: int, seq: int, ti
     def block_for(comm, tile_streams: str) -> TPAttention:
         blk = TPAttention(hidden, heads, kv_heads, dtype=dtype, device=device, comm=comm,
                           backend=args.get("attn_backend", "auto"), tile_streams=tile_streams)
-        with torch.no_grad():
-            blk.o_proj.weight.copy_(wo)
+        blk.load_o_proj_shard(wo)
         return blk
 
     mode = args.get("tile_streams", "auto")
@@ -245,9 +244,20 @@ def run_rank(rank: int, world: int, opts: dict) -> Optional[List[dict]]:
     return results if rank == 0 else None
 
 
+def comm_label(path: str, meta: dict) -> str:
+    """A comm path as the reader should see it: the process group's all-reduce is named by its backend (gloo on
+    CPU ranks), a stand-in says it is one."""
+    if path == "nccl":
+        return "nccl stand-in" if meta["emulated"] else meta["backend"]
+    return f"{path} stand-in" if meta["emulated"] else path
+
+
 def markdown(results: List[dict], meta: dict) -> str:
+    smoke = not meta["gpu"]
     lines = [f"Command: `{meta['command']}`  ", f"Device: {meta['device']}; torch {meta['torch']}; {meta['dtype']}, "
-             f"causal; date {meta['date']}; {meta['mode']}  ",
+             f"causal; date {meta['date']}; {meta['mode']}; comm: {meta['comm']}  ",
+             *(["**A CPU smoke run: it checks the code path on gloo ranks; its times and ratios are not a measurement "
+                "of anything.**  "] if smoke else []),
              f"Times in ms: median of repeats, {meta['timer']}, max over ranks. "
              "Baseline: SDPA (default backend) + o_proj GEMM + one all-reduce, in sequence, same run. "
              "compute = the same plan with comm off; tax = compute(plan) / compute(t=1); captured = share of "
@@ -273,17 +283,21 @@ def markdown(results: List[dict], meta: dict) -> str:
             f"{r['baseline_compute_ms']:.3f} | {r.get('allreduce_nccl_ms', float('nan')):.3f} | "
             f"{1 / r['t1_vs_baseline_compute']:.3f} | {cell(f'{comm}_t1')} | "
             + " | ".join(cell(f"{comm}_t{n}") for n in meta["tile_counts"])
-            + f" | {auto.get('comm', '-')}, {auto.get('tiles', '-')} | {cell('auto_tauto')} | "
-              f"{r.get('auto_speedup', float('nan')):.2f}x | {'-' if cap is None else f'{cap:.0%}'} | "
+            + f" | {comm_label(auto.get('comm', '-'), meta)}, {auto.get('tiles', '-')} | {cell('auto_tauto')} | "
+              f"{r.get('auto_speedup', float('nan')):.2f}x | {'-' if cap is None or smoke else f'{cap:.0%}'} | "
               f"{max(r['max_err_vs_t1'] or 0, r['max_err_vs_baseline'] or 0):.1e} |")
     return "\n".join(lines) + "\n"
 
 
 def cmd_bench(args) -> int:
     from .cli import launch_from_args
+    from .profiler.export import check_writable
     from .runner import run_job
 
     launch = launch_from_args(args)
+    if not args.quick and not args.emulate_tp and launch.device_type() != "cuda":
+        raise ValueError("bench's grid is GPU-sized (hidden 4096 and 8192, S up to 32K): these ranks run on CPU, where "
+                         "it would take hours; use --quick (a smoke run of the code path), or run on GPUs")
     grid = QUICK_GRID if args.quick else GRID
     if args.seq:
         grid = list(dict.fromkeys((h, n, b, s) for (h, n, b, _) in grid for s in args.seq))
@@ -309,7 +323,7 @@ def cmd_bench(args) -> int:
             "partial_path": os.path.join(args.out, f"bench_partial_tp{args.emulate_tp or 'x'}.json")
             if args.out else None}
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        check_writable(args.out)
     results = run_job(run_rank, launch, (opts,), label="bench")
     if results is None:
         return 0
@@ -319,11 +333,13 @@ def cmd_bench(args) -> int:
             "timer": "CUDA events over CUDA-graph replays (the baseline's too)" if gpu else "host clock, eager",
             "mode": (f"emulated TP={args.emulate_tp} on one GPU (comm: the modelled stand-in)" if args.emulate_tp
                      else f"real TP={results[0]['tp']}"),
-            "device": torch.cuda.get_device_name(0) if gpu else (platform.processor() or "CPU")}
+            "device": torch.cuda.get_device_name(0) if gpu else (platform.processor() or "CPU"), "gpu": gpu,
+            "emulated": bool(args.emulate_tp), "backend": "nccl" if gpu else "gloo"}
+    meta["comm"] = ("the modelled stand-in (not a measurement of comm)" if args.emulate_tp
+                    else f"{meta['backend']} (the process group's all-reduce)")
     md = markdown(results, meta)
     print(md)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         name = f"bench_tp{results[0]['tp']}{'_emulated' if args.emulate_tp else ''}"
         with open(os.path.join(args.out, name + ".md"), "w") as f:
             f.write(md)
@@ -344,8 +360,8 @@ def add_parser(sub) -> None:
     g.add_argument("--hidden", type=positive_int, nargs="*", help="only these hidden sizes of the grid")
     g.add_argument("--batch", type=positive_int, nargs="*", help="only these batch sizes of the grid")
     g.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads (default: as many as heads)")
-    g.add_argument("--tile-counts", type=positive_int, nargs="*", default=[2, 3, 4], help="fixed tile counts to time")
-    g.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    g.add_argument("--tile-counts", type=positive_int, nargs="*", default=[2, 3, 4], help="fixed tile counts to time (default 2 3 4)")
+    g.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="default bfloat16")
     g.add_argument("--tile-streams", default="auto", choices=("auto", "one", "overlap", "staged", "lead"),
                    help="how our tiles share the GPU (row_parallel.py; default auto: per shape)")
     g.add_argument("--compare-streams", nargs="*", default=None, choices=("one", "overlap", "staged", "lead"),
@@ -362,7 +378,7 @@ def add_parser(sub) -> None:
     g.add_argument("--standin-gbps", type=positive_float, default=None,
                    help="override the stand-in's bus bandwidth in GB/s (default: the fit for the TP size)")
     g = p.add_argument_group("timing and output")
-    g.add_argument("--repeats", type=positive_int, default=20)
-    g.add_argument("--warmup", type=nonneg_int, default=3)
+    g.add_argument("--repeats", type=positive_int, default=20, help="timed runs per variant (default 20)")
+    g.add_argument("--warmup", type=nonneg_int, default=3, help="untimed runs per variant first (default 3)")
     g.add_argument("--out", default=None, help="folder for bench_tp<N>[_emulated].md and .json")
     p.set_defaults(func=cmd_bench)

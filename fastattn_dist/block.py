@@ -113,6 +113,7 @@ class TPAttention(nn.Module):
         self._graph_capture = capture_cuda if self.o_proj.weight.device.type == "cuda" else run_eagerly
         self._graphs = LRUCache(MAX_GRAPHS)
         self._checked = set()
+        self._loaded: set = set()  # which of "qkv", "o_proj" hold weights: nothing computes on torch.empty
 
     @property
     def world_size(self) -> int:
@@ -128,6 +129,23 @@ class TPAttention(nn.Module):
         shards = shard_full_weights(self.shape, wq, wk, wv, wo)
         for name, lin in (("wq", self.q_proj), ("wk", self.k_proj), ("wv", self.v_proj), ("wo", self.o_proj)):
             lin.weight.copy_(shards[name].to(device=lin.weight.device, dtype=lin.weight.dtype))
+        self._loaded = {"qkv", "o_proj"}
+
+    @torch.no_grad()
+    def load_o_proj_shard(self, wo_local: torch.Tensor) -> None:
+        """This rank's o_proj columns directly (``[hidden, local_heads * head_dim]``): enough for ``attend``."""
+        w = self.o_proj.weight
+        if not isinstance(wo_local, torch.Tensor) or tuple(wo_local.shape) != tuple(w.shape):
+            raise ValueError(f"the o_proj shard must be a tensor of shape {list(w.shape)}, got "
+                             f"{list(wo_local.shape) if isinstance(wo_local, torch.Tensor) else type(wo_local).__name__}")
+        w.copy_(wo_local.to(device=w.device, dtype=w.dtype))
+        self._loaded.add("o_proj")
+
+    def _require_weights(self, *parts: str) -> None:
+        missing = [p for p in parts if p not in self._loaded]
+        if missing:
+            raise ValueError(f"TPAttention has no {' and '.join(missing)} weights yet: call load_full_weights(wq, wk, "
+                             "wv, wo) first (its parameters are uninitialised memory until then)")
 
     # -- comm and tile plan ---------------------------------------------------------------------
     @staticmethod
@@ -247,6 +265,7 @@ class TPAttention(nn.Module):
         m = resolve_mask(mask)
         m.validate(x.shape[0], x.shape[1])
         tiles = self.tiles if tiles is None else check_tiles(tiles)
+        self._require_weights("qkv", "o_proj")
         self._check_across_ranks(x, m)
         rec = self.recorder
         with span(rec, "block", -1, BLOCK):
@@ -283,6 +302,7 @@ class TPAttention(nn.Module):
         m = resolve_mask(mask)
         m.validate(q.shape[0], q.shape[1])
         tiles = self.tiles if tiles is None else check_tiles(tiles)
+        self._require_weights("o_proj")
         self._check_across_ranks(q, m, same_values=False)  # each rank holds its own heads
         return self._attend(q, k, v, m, tiles)
 

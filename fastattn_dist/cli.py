@@ -67,8 +67,8 @@ def add_rank_options(p: argparse.ArgumentParser, world_default: int = 2, timeout
     g.add_argument("--world-size", "-n", type=positive_int, default=world_default,
                    help=f"ranks to spawn (default {world_default}; under torchrun/mpirun the launcher sets it)")
     g.add_argument("--launcher", choices=("auto", "spawn", "env"), default="auto",
-                   help="auto: join torchrun/mpirun/Slurm if detected, else spawn local ranks; env: require a "
-                        "launcher; spawn: always spawn local ranks")
+                   help="auto (default): join torchrun/mpirun/Slurm if detected, else spawn local ranks; env: require "
+                        "a launcher; spawn: always spawn local ranks")
     g.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
                    help="process-group backend (default: nccl under a launcher with GPUs, else gloo)")
     g.add_argument("--timeout-s", type=positive_float, default=timeout_default,
@@ -188,6 +188,8 @@ def cmd_profile(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fastattn-dist", description="Tensor-parallel attention with tiling-AllReduce: "
                                 "demo, profile, bench and tune the TP block; generate with and bench the TP Llama-family model.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"fastattn-dist {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the TP block sequentially and tiled, check and time both")
@@ -224,10 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .runner import PreflightDone
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except PreflightDone:
+        return 0
     except (ValueError, TypeError) as e:
         print(f"fastattn-dist: error: {e}", file=sys.stderr)
         return 2

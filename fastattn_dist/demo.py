@@ -6,7 +6,9 @@ covered by that rank's compute (profiler/metrics.py), from one recorded call per
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import time
 from dataclasses import asdict
 
@@ -71,13 +73,28 @@ def run_rank(rank: int, world_size: int, cfg: BlockConfig) -> dict:
     summary["tiled_vs_sequential_max_abs"] = (outputs["tiled"].double() - outputs["sequential"].double()).abs().max().item()
     if cfg.check and rank == 0:
         if log:
-            log("[demo] checking against the float64 single-device reference")
-        ref = reference_block(x, *weights, cfg.heads, cfg.kv_heads, mask=mask, rope_theta=cfg.rope_theta)
+            log("[demo] checking both runs against the float64 single-device reference (--no-check skips it)")
+        with reference_progress(cfg.seq, enabled=log is not None) as progress:
+            ref = reference_block(x, *weights, cfg.heads, cfg.kv_heads, mask=mask, rope_theta=cfg.rope_theta,
+                                  progress=progress)
         scale = ref.abs().max().item()
         for name, out in outputs.items():
             summary[f"{name}_max_rel_err"] = (out.cpu().double() - ref).abs().max().item() / scale
         summary["max_rel_err"] = max(summary["sequential_max_rel_err"], summary["tiled_max_rel_err"])
     return summary
+
+
+@contextlib.contextmanager
+def reference_progress(rows: int, enabled: bool):
+    """A progress bar (stderr, rank 0) over the reference's query rows; shown only if it runs for more than 2 s."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=rows, desc="[demo] float64 reference", unit="rows", file=sys.stderr, delay=2.0,
+              mininterval=1.0, leave=False) as bar:
+        yield bar.update
 
 
 def format_table(s: dict) -> str:

@@ -8,7 +8,7 @@ check works at any length the block runs.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -38,9 +38,11 @@ def _mask_facts(mask):
 
 
 def attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask="causal", q_offset: int = 0,
-                scale: Optional[float] = None, return_lse: bool = False, chunk: int = CHUNK):
+                scale: Optional[float] = None, return_lse: bool = False, chunk: int = CHUNK,
+                progress: Optional[Callable[[int], None]] = None):
     """Standard attention in float64. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (query head h reads kv head
-    h // (Hq / Hkv)); query row i sits at position q_offset + i. Rows that see no key give 0 (lse -inf)."""
+    h // (Hq / Hkv)); query row i sits at position q_offset + i. Rows that see no key give 0 (lse -inf).
+    ``progress(rows)`` is called after each chunk with the number of query rows it finished."""
     causal, window, key_lengths = _mask_facts(mask)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -72,13 +74,15 @@ def attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask="causal"
         out[:, :, c0:c1] = torch.where(z > 0, (p @ vd) / z.clamp_min(1e-300), torch.zeros_like(qd[:, :, c0:c1]))
         lse_all[:, :, c0:c1] = torch.where(z[..., 0] > 0, m[..., 0] + torch.log(z[..., 0].clamp_min(1e-300)),
                                            torch.full_like(z[..., 0], float("-inf")))
+        if progress is not None:
+            progress(c1 - c0)
     out = out.permute(0, 2, 1, 3)
     return (out, lse_all) if return_lse else out
 
 
 def reference_block(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
                     num_heads: int, num_kv_heads: int, mask="causal", rope_theta: Optional[float] = None,
-                    chunk: int = CHUNK) -> torch.Tensor:
+                    chunk: int = CHUNK, progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """``x [B, S, hidden]`` and ``nn.Linear``-layout weights -> ``[B, S, hidden]`` in float64 on the CPU.
     The head size is ``wq``'s rows / ``num_heads`` (so one rank's shard of heads works too)."""
     B, S, H = x.shape
@@ -89,5 +93,5 @@ def reference_block(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: tor
     v = (x64 @ wv.double().cpu().t()).view(B, S, num_kv_heads, D)
     if rope_theta is not None:
         q, k = rope64(q, rope_theta), rope64(k, rope_theta)
-    o = attention64(q, k, v, mask, chunk=chunk)
+    o = attention64(q, k, v, mask, chunk=chunk, progress=progress)
     return o.reshape(B, S, num_heads * D) @ wo.double().cpu().t()

@@ -19,6 +19,24 @@ from .parallel.process_group import (DEFAULT_TIMEOUT_S, detect_launcher, env_int
                                      shutdown)
 from .parallel.spawn import spawn_ranks
 
+# Set by launch/torchrun.sh and launch/mpirun.sh to the world size they are about to start: the command checks
+# every value as each rank would (the launcher's world size included), then exits before any rank starts, so a
+# bad value is one line and exit code 2 instead of one error per rank plus the launcher's own report.
+PREFLIGHT_ENV = "FASTATTN_PREFLIGHT_WORLD"
+
+
+class PreflightDone(Exception):
+    """Raised by ``run_job`` in a preflight check once every value passed: nothing is left to run."""
+
+
+def preflight_world() -> Optional[int]:
+    value = os.environ.get(PREFLIGHT_ENV, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{PREFLIGHT_ENV} must be a world size >= 1, got {value!r}")
+    return int(value)
+
 
 @dataclass
 class Launch:
@@ -38,11 +56,13 @@ class Launch:
             raise ValueError(f"timeout must be > 0 s, got {self.timeout_s}")
         if self.dist_backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("--dist-backend nccl needs CUDA GPUs, and none is visible; use gloo on CPU")
-        if self.launcher == "env":
+        if self.launcher == "env" and preflight_world() is None:
             require_launcher()
 
     @property
     def mode(self) -> str:
+        if preflight_world() is not None:
+            return "env"  # checked as the launcher's ranks will run
         if self.launcher != "auto":
             return self.launcher
         return "env" if detect_launcher() != "none" else "spawn"
@@ -67,6 +87,8 @@ def launch_world_size(launch: Launch) -> int:
     there), else ``launch.world_size``. Lets the CLI check shapes before any rank starts."""
     if launch.mode == "spawn":
         return launch.world_size
+    if preflight_world() is not None:
+        return preflight_world()
     world = env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
     return launch.world_size if world is None else world
 
@@ -190,6 +212,11 @@ def run_job(job: Callable, launch: Launch, job_args: Sequence[Any] = (),
     ``check_world(world_size)`` validates what depends on the world size before any job runs: before the
     ranks are spawned, or, under a launcher, on every rank once the world size is known.
     """
+    preflight = preflight_world()
+    if preflight is not None:
+        if check_world is not None:
+            check_world(preflight)
+        raise PreflightDone()
     if launch.mode == "spawn":
         backend = launch.dist_backend or "gloo"
         if check_world is not None:

@@ -65,6 +65,14 @@ def lookup(device: torch.device, cost: BlockCost, mask: Mask) -> Optional[Measur
     return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3, p["streams"]) for p in e["plans"]])
 
 
+def check_profile_writable(path: str) -> None:
+    """A clear ValueError, before any timing, if the profile file could not be written at ``path``."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is a directory: give the profile's file name (e.g. {path}/tuned.json)")
+    from .profiler.export import check_writable
+    check_writable(os.path.dirname(os.path.abspath(path)))
+
+
 def store(path: str, entries: Dict[str, dict]) -> None:
     """Merge ``entries`` into the profile file (atomic replace; a clear error if it cannot be written)."""
     current = dict(_load(path))
@@ -103,6 +111,7 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
         q = torch.randn(batch, seq, heads // tp, D, generator=g).to(device, dtype)
         k = torch.randn(batch, seq, kv // tp, D, generator=g).to(device, dtype)
         v = torch.randn(batch, seq, kv // tp, D, generator=g).to(device, dtype)
+        wo = (torch.randn(hidden, heads // tp * D, generator=g) * hidden ** -0.5).to(device, dtype)
         cost = BlockCost(batch, seq, hidden, heads // tp, D, tp, q.element_size())
         mask = Causal()
         prof = profile_for(device)
@@ -115,6 +124,7 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
             streams = tile_streams_for(simulate(plan, row_cost, cost, prof, None))
             blk = TPAttention(hidden, heads, kv, dtype=dtype, device=device, comm=NoComm(tp, rank % tp),
                               tile_streams=streams)
+            blk.load_o_proj_shard(wo)
             replay = capture_cuda(lambda: blk.attend(q, k, v, mask, tiles=plan))
             ms = median_ms(replay, device, opts["repeats"], opts["warmup"])
             timed.append({"tiles": n, "bounds": list(plan.bounds), "streams": streams, "compute_ms": ms})
@@ -135,16 +145,16 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("shapes (causal; one rank's shape of the TP group)")
     g.add_argument("--emulate-tp", type=positive_int, default=None,
                    help="time one rank's shape of a TP=N group on this one GPU (default: the launcher's world size)")
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=[4096, 8192], help="hidden sizes")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[4096, 8192], help="hidden sizes (default 4096 8192)")
     g.add_argument("--heads", type=positive_int, nargs="+", default=None,
                    help="heads per hidden size (default hidden / 128)")
     g.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads (default: as many as heads)")
-    g.add_argument("--seq", type=positive_int, nargs="+", default=[2048, 8192, 32768], help="sequence lengths")
-    g.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes")
-    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    g.add_argument("--seq", type=positive_int, nargs="+", default=[2048, 8192, 32768], help="sequence lengths (default 2048 8192 32768)")
+    g.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes (default 1)")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="default bfloat16")
     g.add_argument("--max-tiles", type=positive_int, default=4, help="time plans of 1..N tiles (default 4)")
-    g.add_argument("--repeats", type=positive_int, default=20)
-    g.add_argument("--warmup", type=nonneg_int, default=3)
+    g.add_argument("--repeats", type=positive_int, default=20, help="timed runs per plan (default 20)")
+    g.add_argument("--warmup", type=nonneg_int, default=3, help="untimed runs per plan first (default 3)")
     g.add_argument("--out", default=None, help=f"profile file (default ${ENV} or ~/.cache/fastattn_dist/tuned.json)")
     p.set_defaults(func=cmd_tune)
 
@@ -168,6 +178,7 @@ def cmd_tune(args) -> int:
     opts = {"grid": grid, "emulate_tp": args.emulate_tp, "dtype": args.dtype, "kv_heads": args.kv_heads,
             "max_tiles": args.max_tiles, "repeats": args.repeats, "warmup": args.warmup}
     path = args.out or profile_path()
+    check_profile_writable(path)
     entries = run_job(tune_rank, launch, (opts,), label="tune")
     if entries is None:
         return 0

@@ -13,6 +13,15 @@ set -euo pipefail
 venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
 [ -d "$venv" ] && PATH="$venv:$PATH"
 NP=${NP:-2}
+case "$NP" in
+  '' | *[!0-9]* | 0*) echo "mpirun.sh: error: NP must be an int >= 1, got '$NP'" >&2; exit 2 ;;
+esac
+# Help and version need no ranks; every other command is checked once here, as its ranks would check it (the
+# world size included), before mpirun starts any: a bad value is one line and exit code 2.
+for a in "$@"; do
+  case "$a" in -h | --help | --version) exec "${PYTHON:-python}" -m fastattn_dist "$@" ;; esac
+done
+FASTATTN_PREFLIGHT_WORLD=$NP "${PYTHON:-python}" -m fastattn_dist "$@" || exit $?
 args=(-n "$NP")
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
 # Open MPI refuses root and more ranks than cores by default; containers and CI runners are often both.

@@ -16,6 +16,17 @@ venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
 [ -d "$venv" ] && PATH="$venv:$PATH"
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
+for v in NPROC NNODES; do
+  case "${!v}" in
+    '' | *[!0-9]* | 0*) echo "torchrun.sh: error: $v must be an int >= 1, got '${!v}'" >&2; exit 2 ;;
+  esac
+done
+# Help and version need no ranks; every other command is checked once here, as its ranks would check it (the
+# world size included), before torchrun starts any: a bad value is one line and exit code 2.
+for a in "$@"; do
+  case "$a" in -h | --help | --version) exec "${PYTHON:-python}" -m fastattn_dist "$@" ;; esac
+done
+FASTATTN_PREFLIGHT_WORLD=$((NPROC * NNODES)) "${PYTHON:-python}" -m fastattn_dist "$@" || exit $?
 if [ "$NNODES" = 1 ]; then
   exec torchrun --standalone --nproc-per-node "$NPROC" -m fastattn_dist "$@"
 fi

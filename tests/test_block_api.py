@@ -148,9 +148,26 @@ def test_bad_forward_input(x, mask, exc):
         blk(x, mask=mask)
 
 
+def test_a_block_without_weights_refuses_to_compute():
+    """Its parameters are uninitialised memory until weights are loaded: a clear error, never NaN or zeros."""
+    blk = TPAttention(32, 4, 2)
+    q = torch.randn(1, 5, 4, 8)
+    kv = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match="no qkv and o_proj weights yet"):
+        blk(torch.randn(1, 5, 32))
+    with pytest.raises(ValueError, match="no o_proj weights yet"):
+        blk.attend(q, kv, kv)
+    blk.load_o_proj_shard(torch.randn(32, 32))
+    assert torch.isfinite(blk.attend(q, kv, kv)).all()  # attend needs o_proj only
+    with pytest.raises(ValueError, match="no qkv weights yet"):
+        blk(torch.randn(1, 5, 32))
+    with pytest.raises(ValueError, match="shape"):
+        blk.load_o_proj_shard(torch.randn(32, 16))
+
+
 def test_forward_tiles_override_is_validated():
     blk = TPAttention(32, 4, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tiles must be >= 1"):
         blk(torch.randn(1, 5, 32), tiles=0)
 
 

@@ -26,6 +26,64 @@ def test_demo_default_prints_table():
     assert r.returncode == 0, r.stderr
     assert "sequential" in r.stdout and "tiled" in r.stdout and "speedup" in r.stdout
     assert "[demo] timing tiled" in r.stderr  # progress goes to stderr
+    assert "float64" in r.stderr and "--no-check skips it" in r.stderr  # the long check says what it is
+
+
+def test_reference_reports_progress_over_every_query_row():
+    from fastattn_dist.reference_block import reference_block
+    from rank_jobs import make_input, make_weights
+
+    done = []
+    x = make_input(2, 601, 64)
+    out = reference_block(x, *make_weights(64, 4, 2), 4, 2, rope_theta=1e4, chunk=256, progress=done.append)
+    assert done == [256, 256, 89] and out.shape == (2, 601, 64)
+
+
+def test_version():
+    r = run_cli("--version", timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"fastattn-dist {__import__('fastattn_dist').__version__}"
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, parser in sub.choices.items():
+        for a in parser._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            has_default = a.default not in (None, False, argparse.SUPPRESS) and not isinstance(a, argparse._StoreTrueAction)
+            if not a.help or (has_default and "default" not in a.help):
+                missing.append((name, a.option_strings))
+    assert missing == []
+
+
+def test_bench_without_quick_on_cpu_is_refused_in_one_line():
+    r = run_cli("bench", "--repeats", "1", timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--quick" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", [["bench", "--quick"], ["profile", *SMALL], ["bench-model", "--model", "tiny"],
+                                     ["bench-model", "--model", "tiny", "--profile"]],
+                         ids=["bench", "profile", "bench-model", "bench-model-profile"])
+def test_an_out_folder_under_a_file_is_one_line(tmp_path, command):
+    (tmp_path / "afile").write_text("")
+    flag = [] if command[-1] == "--profile" else ["--out"]
+    r = run_cli(*command, *flag, str(tmp_path / "afile" / "x"), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "not a writable directory" in r.stderr, r.stderr[-2000:]
+
+
+def test_tune_profile_path_is_checked(tmp_path):
+    from fastattn_dist.tune import check_profile_writable
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a directory"):
+        check_profile_writable(str(tmp_path))
+    with pytest.raises(ValueError, match="not a writable directory"):
+        check_profile_writable(str(tmp_path / "afile" / "tuned.json"))
+    check_profile_writable(str(tmp_path / "new" / "tuned.json"))
 
 
 @pytest.mark.parametrize("extra", [[], ["--world-size", "3", "--heads", "6", "--kv-heads", "3", "--hidden", "96",
@@ -68,7 +126,11 @@ def test_bench_quick_runs_every_variant_on_cpu(tmp_path):
         assert all("error" not in v for v in res["runs"].values()), res["runs"]
         assert res["max_err_vs_t1"] < 1e-5 and res["max_err_vs_baseline"] < 1e-5
         assert res["runs"]["nccl_t3"]["tiles"] == 3 and res["runs"]["compute_t3"]["tile_tax"] > 0
-    assert "| 2 | 256/8 | 2 | 301 |" in (tmp_path / "bench_tp2.md").read_text()
+    md = (tmp_path / "bench_tp2.md").read_text()
+    assert "| 2 | 256/8 | 2 | 301 |" in md
+    # on CPU the process group is gloo, and a smoke run says its ratios measure nothing
+    assert "comm: gloo" in md and "not a measurement" in md and "| gloo, " in md and "nccl" not in md.lower()
+    assert all(row.split("|")[-3].strip() == "-" for row in md.splitlines() if row.startswith("| 2 |"))  # captured
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")

@@ -13,10 +13,12 @@ from rank_jobs import construct_block, die_on, disagreeing_inputs, forward_with,
 def test_failing_rank_is_named(job, args):
     t0 = time.monotonic()
     with pytest.raises(RankFailedError) as info:
-        spawn_ranks(job, 3, args, timeout_s=30)
+        spawn_ranks(job, 3, args, timeout_s=60)
     assert info.value.rank == args[0], str(info.value)
     assert f"rank {args[0]} of 3 failed" in str(info.value)
-    assert time.monotonic() - t0 < 30
+    # the peers' raw transport errors are consequences: kept in .errors, not repeated in the message
+    assert "then:" not in str(info.value) and "Connection" not in str(info.value), str(info.value)
+    assert time.monotonic() - t0 < 45  # not the 60 s collective timeout: the peers failed at once
 
 
 def test_hung_rank_times_out_and_is_named():
@@ -28,7 +30,7 @@ def test_hung_rank_times_out_and_is_named():
     assert info.value.rank == 1, str(info.value)
     assert "still running" in info.value.errors[1][0]
     assert "imed out" in info.value.errors[0][0], info.value.errors[0]
-    assert time.monotonic() - t0 < 25
+    assert time.monotonic() - t0 < 50  # the 3 s timeout, not rank 1's 60 s sleep (slack for a busy machine)
 
 
 def test_explicit_deadline_bounds_the_run(tmp_path):
@@ -37,7 +39,7 @@ def test_explicit_deadline_bounds_the_run(tmp_path):
         spawn_ranks(pid_then_sleep, 2, (str(tmp_path), 60), timeout_s=30, deadline_s=4)
     assert sorted(info.value.errors) == [0, 1]
     assert all("deadline_s=4" in summary for summary, _ in info.value.errors.values()), info.value.errors
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 45  # the 4 s deadline, not the 60 s sleep (slack for a busy machine)
 
 
 BAD_BLOCKS = [
@@ -72,7 +74,7 @@ def test_ranks_with_different_inputs_all_fail_naming_the_odd_rank(world, odd):
     raise RankFailedError)."""
     t0 = time.monotonic()
     results = spawn_ranks(disagreeing_inputs, world, (odd,), timeout_s=30)
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 150
     others = [r for r in range(world) if r != odd]
     what = {"seq": "shape", "mask": "mask", "window": "mask", "key_lengths": "key_lengths",
             "input": "input_checksum", "rows_swapped": "input_checksum"}

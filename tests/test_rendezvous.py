@@ -65,7 +65,9 @@ def runs():
         }
         if shutil.which("torchrun", path=BIN + os.pathsep + os.environ["PATH"]):
             # node 1 of 2 whose node 0 never comes; node 0 of 2 whose node 1 never comes (each its own port)
-            torchrun = ["bash", "launch/torchrun.sh", "demo", "--timeout-s", "3", *SMALL]
+            # 2 nodes x 2 ranks: a shape the 4 ranks can split (the launch script checks it before waiting)
+            world4 = [("4" if a == "6" and SMALL[i - 1] == "--kv-heads" else a) for i, a in enumerate(SMALL)]
+            torchrun = ["bash", "launch/torchrun.sh", "demo", "--timeout-s", "3", *world4]
             cases["torchrun_node1"] = (torchrun, dict(NNODES="2", NODE_RANK="1", MASTER_ADDR="127.0.0.2",
                                                       MASTER_PORT=str(node1_port)))
             cases["torchrun_node0"] = (torchrun, dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -94,27 +96,27 @@ def joined(runs, name):
 
 def test_rank0_names_the_port_in_use(runs):
     res = joined(runs, "rank0_port_in_use")
-    assert res["error"] and res["s"] < 2, res
+    assert res["error"] and res["s"] < 10, res  # at once, not after a timeout (slack for a busy machine)
     assert "RendezvousError" in res["error"] and "rank 0 of 2" in res["error"], res
     assert f"port {runs['busy']}" in res["error"] and "already in use" in res["error"], res
 
 
 def test_rank1_at_a_port_that_is_no_store_fails_in_time(runs):
     res = joined(runs, "rank1_port_in_use")  # torch's TCPStore client alone would wait forever
-    assert res["error"] and res["s"] < 3 + 2, res
+    assert res["error"] and res["s"] < 3 + 10, res
     assert "rank 1 of 2" in res["error"] and f"127.0.0.1:{runs['busy']}" in res["error"], res
 
 
 def test_lone_rank1_fails_in_time_naming_rank0s_address(runs):
     res = joined(runs, "lone_rank1")
-    assert res["error"] and res["s"] < 5 + 2, res
+    assert res["error"] and res["s"] < 5 + 10, res
     for part in ("rank 1 of 2", "rank 0", f"127.0.0.1:{runs['nobody']}", "within 5 s"):
         assert part in res["error"], (part, res)
 
 
 def test_missing_peers_are_named(runs):
     res = joined(runs, "lone_rank0")
-    assert res["error"] and res["s"] < 3 + 3, res
+    assert res["error"] and res["s"] < 3 + 10, res
     assert "ranks 1..2 did not join within 3 s" in res["error"], res
 
 
@@ -123,7 +125,7 @@ def test_torchrun_node_without_its_peer_fails_in_time(runs, node):
     if f"torchrun_node{node}" not in runs:
         pytest.skip("no torchrun")
     r = runs[f"torchrun_node{node}"]
-    assert r["rc"] != 0 and r["wall"] < 3 + 15, (r["wall"], r["stderr"][-3000:])
+    assert r["rc"] != 0 and r["wall"] < 3 + 45, (r["wall"], r["stderr"][-3000:])  # not torchrun's 600 s default
     addr = "127.0.0.2" if node else "127.0.0.1"
     said = r["stderr"].splitlines()[0]  # said before waiting
     assert f"node {node} of 2" in said and f"{addr}:{runs[f'node{node}_port']}" in said and "3 s" in said, said
@@ -142,7 +144,7 @@ def test_mpirun_with_master_port_in_use_fails_in_time():
         r = subprocess.run(["bash", "launch/mpirun.sh", "demo", "--timeout-s", "3", *SMALL], cwd=ROOT,
                            env=clean_env(MASTER_PORT=str(port), MASTER_ADDR="127.0.0.1"), capture_output=True,
                            text=True, timeout=90)
-    assert r.returncode != 0 and time.monotonic() - t0 < 3 + 20, r.stderr[-3000:]
+    assert r.returncode != 0 and time.monotonic() - t0 < 3 + 45, r.stderr[-3000:]
     assert f"rank 0 of 2: could not listen on rendezvous port {port}" in r.stderr, r.stderr[-3000:]
 
 

@@ -47,4 +47,4 @@ def test_stopped_rank_is_named_as_stuck(tmp_path):
     assert info.value.rank == 1, str(info.value)
     assert "stuck" in info.value.errors[1][0] and "heartbeat" in info.value.errors[1][0]
     assert "still running" in info.value.errors[0][0]  # rank 0 was fine: aborted, not blamed
-    assert time.monotonic() - t0 < 25
+    assert time.monotonic() - t0 < 50  # the 3 s stall limit, not rank 1's 60 s sleep (slack for a busy machine)

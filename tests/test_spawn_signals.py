@@ -107,7 +107,7 @@ def test_ctrl_c_stops_all_ranks_quietly(run_in_session, to_group, settle_s):
         _, err = p.communicate(timeout=15)
     except subprocess.TimeoutExpired:
         pytest.fail("no exit within 15 s of SIGINT")
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 14
     assert wait_gone(ranks, 5) == []
     assert p.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]

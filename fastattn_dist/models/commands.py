@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import sys
+import time
 from datetime import date
 from typing import List, Optional
 
@@ -65,15 +66,72 @@ def generate_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
                                              kv_offload=opts["kv_offload"], host_budget_gb=opts["host_budget_gb"],
                                              prefill_chunk=opts["prefill_chunk"])
     stats = GenerateStats()
+    stream = TokenStream(opts["tokenizer"], opts["prompts"], opts["max_new_tokens"]) \
+        if rank == 0 and not opts["json"] else None
     tokens = model.generate(opts["prompts"], opts["max_new_tokens"], temperature=opts["temperature"],
-                            top_p=opts["top_p"], seed=opts["seed"], stop_tokens=opts["stop_tokens"], stats=stats)
+                            top_p=opts["top_p"], seed=opts["seed"], stop_tokens=opts["stop_tokens"], stats=stats,
+                            on_tokens=stream)
+    if stream is not None:
+        stream.close()
     if rank != 0:
         return None
     plan = model.kv_plan
     return {"tokens": tokens, "kv_cache": plan.describe() if plan else None, "prefill_tokens_per_s": stats.prefill_tokens_per_s,
             "decode_tokens_per_s": stats.decode_tokens_per_s, "prompt_tokens": stats.prompt_tokens,
             "new_tokens": sum(len(t) for t in tokens), "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
-            "world_size": world, "device": str(model.device), "plan": list(model.last_plan.bounds)}
+            "world_size": world, "device": str(model.device), "plan": list(model.last_plan.bounds),
+            "streamed": stream is not None and stream.streams_text}
+
+
+class TokenStream:
+    """Rank 0's output of ``generate`` as tokens are decoded: one prompt streams its text (or ids) to stdout; a
+    batch shows a progress bar on stderr and is printed, prompt by prompt, at the end."""
+
+    def __init__(self, tokenizer_file: Optional[str], prompts: List[List[int]], max_new_tokens: int) -> None:
+        self.tok = None
+        if tokenizer_file is not None:
+            from tokenizers import Tokenizer
+            self.tok = Tokenizer.from_file(tokenizer_file)
+        self.prompts = prompts
+        self.new: List[List[int]] = [[] for _ in prompts]
+        self.streams_text = len(prompts) == 1
+        self.bar = None
+        if self.streams_text:
+            self.shown = self._text(0) if self.tok is not None else ""
+            print(f"[0] {self.shown}" if self.tok is not None else "[0] [", end="", flush=True)
+        else:
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_new_tokens, desc="[generate] decode", unit="tok", file=sys.stderr, delay=1.0)
+
+    def _text(self, i: int) -> str:
+        return self.tok.decode(self.prompts[i] + self.new[i], skip_special_tokens=True)
+
+    def __call__(self, new: List[Optional[int]]) -> None:
+        for i, t in enumerate(new):
+            if t is not None:
+                self.new[i].append(t)
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        if new[0] is None:
+            return
+        if self.tok is None:
+            print(("" if len(self.new[0]) == 1 else ", ") + str(new[0]), end="", flush=True)
+            return
+        # a character split across tokens decodes as U+FFFD until its last byte arrives: hold those back
+        text = self._text(0).rstrip("\ufffd")
+        if text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.tok is None:
+            print("]", flush=True)
+        else:
+            rest = self._text(0)
+            print(rest[len(self.shown):] if rest.startswith(self.shown) else "", flush=True)
 
 
 def _tokenizer(path: str):
@@ -150,19 +208,20 @@ def cmd_generate(args) -> int:
             "seed": args.seed, "stop_tokens": args.stop_tokens,
             "link": None if args.no_link else (args.link_latency_us, args.link_gbps),
             "kv_offload": _offload_arg(args.kv_offload), "host_budget_gb": args.host_budget_gb,
-            "prefill_chunk": args.prefill_chunk}
+            "prefill_chunk": args.prefill_chunk, "json": args.json, "tokenizer": Checkpoint(path).tokenizer_file}
     if opts["kv_offload"] == "auto" and launch.device_type() != "cuda":
         raise ValueError("--kv-offload auto splits the KV cache between a GPU and host memory: this run is on CPU")
     res = run_job(generate_rank, launch, (opts,), check_world=lambda w: check_world(path, w), label="generate")
     if res is None:
         return 0
-    for i, toks in enumerate(res["tokens"]):
+    for i, toks in enumerate([] if res["streamed"] else res["tokens"]):
         if tok is not None:
             print(f"[{i}] {tok.decode(prompts[i] + toks, skip_special_tokens=True)}")
         else:
             print(f"[{i}] {toks}")
     print(f"prefill {res['prefill_tokens_per_s']:.1f} tokens/s ({res['prompt_tokens']} tokens), decode "
-          f"{res['decode_tokens_per_s']:.1f} tokens/s; {res['world_size']} ranks on {res['device']}", file=sys.stderr)
+          f"{res['decode_tokens_per_s']:.1f} tokens/s; {res['world_size']} rank{'s' if res['world_size'] > 1 else ''} "
+          f"on {res['device']}", file=sys.stderr)
     if args.json:
         print(json.dumps({k: v for k, v in res.items()}))
     return 0
@@ -177,7 +236,7 @@ def add_generate_parser(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); needs the checkpoint's tokenizer")
     g.add_argument("--prompt-ids", action="append", help="a prompt as comma-separated token ids (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
     p.add_argument("--top-p", type=positive_float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -289,7 +348,7 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
             ours.load(StateDictCheckpoint(cfg, dict(hf.state_dict())))
         else:
             log(f"[bench-model] random {opts['model']}-shaped weights, on the device")
-            _random_weights(ours, opts["seed"])
+            ours.init_random_weights(opts["seed"])
     else:
         ours = LlamaForCausalLM.from_pretrained(opts["model"], dtype=dtype, device=device, link=link,
                                                 max_seq_len=opts["seq"] + opts["decode_tokens"] + 1)
@@ -328,12 +387,7 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
         res["decode_tokens_per_s"]["ours"] = st.decode_tokens_per_s
         if hf is not None:
             _attn_impl(hf, "sdpa")
-
-            def hf_generate(k):
-                hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
-            t_long = median_ms(lambda: hf_generate(n), device, 2, 1)
-            t_short = median_ms(lambda: hf_generate(1), device, 2, 1)
-            res["decode_tokens_per_s"]["hf_sdpa"] = B * (n - 1) / ((t_long - t_short) / 1e3)
+            res["decode_tokens_per_s"]["hf_sdpa"] = hf_decode_tokens_per_s(hf, ids, n, device)
         sync(device)
     if rank != 0:
         return None
@@ -354,15 +408,21 @@ def bench_model_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
     return res
 
 
-def _random_weights(model, seed: int) -> None:
-    """Random weights in place (N(0, 0.02), norms 1): a model shape to time, without a checkpoint."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+def hf_decode_tokens_per_s(hf, ids: torch.Tensor, steps: int, device: torch.device) -> float:
+    """transformers' decode rate, timed over its decode steps alone (greedy, its own KV cache): one prefill
+    untimed, then ``steps`` single-token forwards between two clock reads. A rate measured directly, never
+    the difference of two end-to-end timings (which include a prefill each and went negative under load)."""
+    from ..runner import sync
+
+    out = hf(ids, use_cache=True, logits_to_keep=1)
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = hf(tok, past_key_values=cache, use_cache=True)
+        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    return ids.shape[0] * steps / (time.perf_counter() - t0)
 
 
 def long_context(model, cfg, opts, rank: int, world: int, log) -> Optional[dict]:
@@ -559,7 +619,7 @@ def context_markdown(r: dict) -> str:
 def markdown(r: dict) -> str:
     lines = [f"Command: `{r['command']}`  ", f"Device: {r['device_name']} ({r['world']} ranks, {r['dtype']}); torch "
              f"{r['torch']}; date {r['date']}; prompt {r['batch']} x {r['seq']} tokens, our prefill plan {r.get('plan')}  ",
-             "", "| prefill | ms | tokens/s | vs ours | MFU |", "|---|---|---|---|---|"]
+             "", "| prefill | ms | tokens/s | speedup of ours over this row | MFU |", "|---|---|---|---|---|"]
     ours = r["prefill_ms"]["ours"]
     for k, ms in r["prefill_ms"].items():
         mfu = r.get("mfu", {}).get(k)
@@ -583,21 +643,21 @@ def add_bench_model_parser(sub) -> None:
                                            "(eager and sdpa) and our model with tiles=1")
     add_rank_options(p, world_default=2)
     p.add_argument("--model", default="tiny", help=MODEL_HELP + ", or '7b' / '7b-mha' (random Mistral-7B / "
-                                                               "Llama-2-7B-shaped weights, GPU)")
+                                                               "Llama-2-7B-shaped weights, GPU); default tiny")
     p.add_argument("--context", type=positive_int, nargs="*", default=None,
                    help="long-context mode: prefill each of these contexts, then --decode-tokens steps, per --kv-offload")
     p.add_argument("--kv-offload", nargs="+", default=None,
                    help="with --context: KV cache modes to run: off, auto (GPU), or a number of tokens on the device "
                         "(default: off auto on GPUs, off on CPU)")
     p.add_argument("--seq", type=positive_int, default=1024, help="prompt tokens per sequence (default 1024)")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences per prompt batch (default 1)")
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPUs, float32 on CPU")
     p.add_argument("--no-hf", action="store_true",
                    help="skip the transformers baselines (they run at --world-size 1 only, or with --model 7b/7b-mha)")
-    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed prefills per variant (default 5)")
     p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed runs before timing (default 3: the first runs plan tiles and allocate)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     p.add_argument("--layers", type=positive_int, default=None, help="with --model tiny: a variant of this depth")
     p.add_argument("--link-latency-us", type=float, default=50.0, help="simulated link of CPU ranks (default 50)")
     p.add_argument("--link-gbps", type=float, default=0.04,

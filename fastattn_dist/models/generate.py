@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -105,14 +105,16 @@ def _check(model, max_new_tokens, temperature, top_p, stop_tokens) -> None:
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None, cuda_graph: Optional[bool] = None,
-             tiles=None, stats: Optional[GenerateStats] = None) -> List[List[int]]:
+             tiles=None, stats: Optional[GenerateStats] = None,
+             on_tokens: Optional[Callable[[List[Optional[int]]], None]] = None) -> List[List[int]]:
     """New token ids for each prompt (prompt excluded; a stop token ends its sequence and is included).
 
     ``prompts``: a ``[B, S]`` id tensor or a list of id lists of any lengths. ``temperature`` 0 is greedy;
     otherwise softmax sampling at that temperature from the top-``top_p`` mass, seeded by ``seed``.
     ``stop_tokens``: default the checkpoint's eos tokens. ``cuda_graph``: replay the decode step as a
     graph (default: on GPUs where the step allows it, ``model.decode_step_capturable``). ``stats``: filled
-    with token counts and times.
+    with token counts and times. ``on_tokens(new)``: called as tokens are decoded, with each sequence's new token
+    (None for a sequence that has stopped): for streaming output.
     """
     stop = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
     _check(model, max_new_tokens, temperature, top_p, stop)
@@ -149,10 +151,14 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     done = [False] * B
     t0 = now()
     for n in range(max_new_tokens):
+        new: List[Optional[int]] = [None] * B
         for b, t in enumerate(tok.tolist()):
             if not done[b]:
                 out[b].append(t)
+                new[b] = t
                 done[b] = t in stop
+        if on_tokens is not None:
+            on_tokens(new)
         if all(done) or n == max_new_tokens - 1:
             break
         tok = _sample(step(tok), temperature, top_p, gen)

@@ -145,6 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.recorder = None
         self.last_plan: Optional[TilePlan] = None
         self._plans: dict = {}
+        self.has_weights = False  # set by load() / init_random_weights(): nothing computes on uninitialised memory
 
     # -- checkpoints --------------------------------------------------------------------------------
     @classmethod
@@ -204,6 +205,25 @@ class LlamaForCausalLM(nn.Module):
                 layer.gate_up.bias.copy_(torch.cat([read(m + "gate_proj.bias", 0, ir), read(m + "up_proj.bias", 0, ir)]))
                 layer.down_bias.copy_(read(m + "down_proj.bias"))
             layer.down.weight.copy_(read(m + "down_proj.weight", 1, ir))
+        self.has_weights = True
+
+    @torch.no_grad()
+    def init_random_weights(self, seed: int = 0) -> None:
+        """Random weights in place (N(0, 0.02), norms 1, biases 0): a model shape to time without a checkpoint.
+        Each rank draws its own slices from (``seed``, its rank), so a rank's shard depends only on the seed, the
+        world size and the rank: an emulated rank 0 of TP=N holds what rank 0 of a real TP=N run holds."""
+        g = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.tp.rank)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        self.has_weights = True
+
+    def _require_weights(self) -> None:
+        if not self.has_weights:
+            raise ValueError("the model has no weights yet: build it with LlamaForCausalLM.from_pretrained(path), or "
+                             "call load(checkpoint) or init_random_weights(seed) first")
 
     # -- vocab-parallel embedding and LM head ---------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -279,6 +299,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits ``[B, S, vocab]`` (float32, on every rank) of ``input_ids`` ``[B, S]``; no cache is kept.
         ``lengths``: real lengths of right-padded prompts. ``last_only``: only each sequence's last real
         position, ``[B, vocab]``."""
+        self._require_weights()
         ids = self._check_ids(input_ids)
         B, S = ids.shape
         if S > self.max_seq_len:
@@ -443,6 +464,7 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, lengths=None, tiles=None) -> torch.Tensor:
         """Fill the cache (``reset_cache`` first) with right-padded prompts; logits of each last real token."""
+        self._require_weights()
         ids = self._check_ids(input_ids)
         B, S = ids.shape
         c = self.cache

@@ -50,6 +50,10 @@ _STILL_RUNNING = "still running when the run was aborted"
 _DIED = "without reporting a result"
 
 
+def _is_secondary(summary: str) -> bool:
+    return any(m in summary for m in _SECONDARY) or _STILL_RUNNING in summary
+
+
 def _root_cause(errors: dict, order: list) -> int:
     """The rank to blame: one that raised its own error (or got stuck), else one that died silently
     or never got as far as its peers (still running), else the first."""
@@ -313,7 +317,11 @@ def spawn_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), *, back
     if errors:
         first_failed = _root_cause(errors, order=[first_failed] + sorted(errors))
         summary, tb = errors[first_failed]
-        others = "; ".join(f"rank {r}: {errors[r][0]}" for r in sorted(errors) if r != first_failed)
+        # the others' own errors; a peer's raw transport error after the first failure ("Connection reset by
+        # peer", a timeout) is its consequence, not news: the error names the rank that failed and nothing else
+        # (unless that rank was merely still running: then the others' timeouts say why it was blamed)
+        others = "; ".join(f"rank {r}: {errors[r][0]}" for r in sorted(errors)
+                           if r != first_failed and (_STILL_RUNNING in summary or not _is_secondary(errors[r][0])))
         msg = f"rank {first_failed} of {world_size} failed: {summary}"
         if others:
             msg += f"\n  then: {others}"

@@ -109,3 +109,56 @@ def test_bench_model_writes_its_json_for_a_checkpoint_path(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     with open(tmp_path / "out" / "bench_context_ckpt.json") as f:
         assert json.load(f)["runs"][0]["context"] == 40
+
+
+def test_generate_streams_one_prompt_and_prints_a_batch_at_the_end(tiny):
+    """Without --json, rank 0 streams a single prompt's text as it is decoded; the printed text is the prompt plus
+    exactly the tokens --json reports. A batch is printed prompt by prompt."""
+    from tokenizers import Tokenizer
+    from fastattn_dist.models.checkpoint import Checkpoint
+
+    tok = Tokenizer.from_file(Checkpoint(tiny).tokenizer_file)
+    args = ["generate", "--model", tiny, "--prompt-ids", "5,17,33,9", "--max-new-tokens", "7", "--stop-tokens",
+            "--world-size", "2"]
+    streamed = run_cli(*args)
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    new = last_json(run_cli(*args, "--json"))["tokens"][0]
+    assert streamed.stdout == f"[0] {tok.decode([5, 17, 33, 9] + new, skip_special_tokens=True)}\n"
+    batch = run_cli("generate", "--model", tiny, "--prompt-ids", "5,17", "--prompt-ids", "40,2,8",
+                    "--max-new-tokens", "3", "--world-size", "1")
+    lines = batch.stdout.splitlines()
+    assert batch.returncode == 0 and [ln[:4] for ln in lines] == ["[0] ", "[1] "], batch.stdout
+
+
+def test_token_stream_holds_back_split_characters(capsys):
+    """A character whose bytes span tokens decodes as U+FFFD until its last byte: never printed half."""
+    from fastattn_dist.models.commands import TokenStream
+
+    class Tok:  # decodes ids as bytes: 0xC3 0xA9 is "é"
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    s = TokenStream(None, [[ord("a")]], 3)
+    s.tok, s.shown = Tok(), "a"
+    for t in (0xC3, 0xA9, ord("b")):
+        s([t])
+        if t == 0xC3:
+            assert "\ufffd" not in capsys.readouterr().out
+    s.close()
+    assert capsys.readouterr().out == "éb\n"
+
+
+def test_transformers_decode_rate_times_its_decode_steps_only():
+    """The rate is steps over the time of the single-token forwards: the prefill is outside the timed region, so no
+    rate can include it or be negative (it once was: two end-to-end timings subtracted on a busy machine)."""
+    from types import SimpleNamespace
+    from fastattn_dist.models.commands import hf_decode_tokens_per_s
+
+    calls = []
+
+    def hf(ids, past_key_values=None, use_cache=True, logits_to_keep=None):
+        calls.append((ids.shape[1], past_key_values))
+        return SimpleNamespace(past_key_values="cache", logits=torch.zeros(ids.shape[0], 1, 8))
+
+    rate = hf_decode_tokens_per_s(hf, torch.ones(2, 9, dtype=torch.long), 5, torch.device("cpu"))
+    assert calls == [(9, None)] + [(1, "cache")] * 5 and rate > 0

@@ -69,3 +69,17 @@ def test_the_copy_engine_path_is_refused_for_the_model(tiny):
 
     with pytest.raises(ValueError, match="comm='nccl'"):
         LlamaForCausalLM.from_pretrained(tiny, comm="copy_engine")
+
+
+def test_a_model_without_weights_refuses_to_compute(tiny):
+    import torch
+    from fastattn_dist import LlamaForCausalLM
+    from fastattn_dist.models.checkpoint import Checkpoint
+
+    m = LlamaForCausalLM(Checkpoint(tiny).config)
+    ids = torch.tensor([[1, 2, 3]])
+    for call in (lambda: m(ids), lambda: m.generate([[1, 2, 3]], 2)):
+        with pytest.raises(ValueError, match="no weights yet"):
+            call()
+    m.init_random_weights(seed=3)
+    assert torch.isfinite(m(ids)).all()

@@ -11,14 +11,15 @@ Public API:
 """
 from .attention import attention
 from .block import TPAttention
-from .config import LinkModel, TilePlanOptions
+from .parallel.link_models import LinkModel
 from .masks import Causal, KeyPadding, Mask, NoMask, SlidingWindow
 from .models import LlamaForCausalLM
 from .parallel.process_group import DistContext, RendezvousError, init_distributed, shutdown
 from .parallel.spawn import RankFailedError, spawn_ranks
-from .parallel.tiling_allreduce import TilePlan
+from .parallel.tile_plan import TilePlan
+from .tuning.cost_model import TilePlanOptions
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["attention", "TPAttention", "LinkModel", "TilePlanOptions", "Causal", "KeyPadding", "Mask",
            "NoMask", "SlidingWindow", "DistContext", "init_distributed", "shutdown", "spawn_ranks",

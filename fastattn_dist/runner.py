@@ -1,7 +1,8 @@
 """Running a job on every rank: spawn local ranks or join a launcher's group, then the few collectives
-every job needs (the device, a barrier, the max over ranks, a timer, a check that ranks agree).
+every job needs (the device, a barrier, the max over ranks, timers).
 
-Used by every subcommand (demo, profile, bench, tune, generate); no job launches ranks any other way.
+Used by every subcommand (demo, profile, bench, tune, generate, bench-model); no job launches ranks any other
+way.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .parallel.process_group import (DEFAULT_TIMEOUT_S, detect_launcher, env_int, init_distributed, require_launcher,
-                                     shutdown)
+from .parallel.process_group import (DEFAULT_TIMEOUT_S, detect_launcher, env_int, init_distributed, local_ranks,
+                                     require_launcher, shutdown)
 from .parallel.spawn import spawn_ranks
 
 # Set by launch/torchrun.sh and launch/mpirun.sh to the world size they are about to start: the command checks
@@ -169,39 +170,10 @@ def interleaved_median_ms(fns: Dict[str, Callable[[], Any]], device: torch.devic
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def check_same_on_all_ranks(facts: dict, group=None, what: str = "the input") -> None:
-    """Raise ValueError on every rank unless all ranks passed equal ``facts`` (one all_gather_object).
-
-    The message names the ranks that differ from the largest group of agreeing ranks (rank 0's on a tie),
-    so one odd rank is named whichever it is, and the first fact (in ``facts``' order: put the most telling
-    first) on which they differ. Values compare by ``repr`` (a NaN equals a NaN)."""
-    n = dist.get_world_size(group)
-    gathered: list = [None] * n
-    dist.all_gather_object(gathered, facts, group=group)
-    groups: dict = {}
-    for r, f in enumerate(gathered):
-        groups.setdefault(repr(sorted(f.items())), []).append(r)
-    if len(groups) == 1:
-        return
-    common = max(groups.values(), key=lambda rs: (len(rs), -rs[0]))
-    ref = gathered[common[0]]
-    order = sorted(groups.values(), key=lambda rs: (rs is common, rs[0]))  # the odd ones first
-
-    def first_diff(f):
-        return next(k for k in {**f, **ref} if repr(f.get(k)) != repr(ref.get(k)))
-
-    def say(rs):
-        who = f"rank {rs[0]} has" if len(rs) == 1 else f"ranks {', '.join(map(str, rs))} have"
-        return who + " " + ", ".join(f"{k}={gathered[rs[0]].get(k)}" for k in keys)
-    keys = list(dict.fromkeys(first_diff(gathered[rs[0]]) for rs in order[:-1]))
-    raise ValueError(f"ranks disagree on {what} ({', '.join(keys)}): " + "; ".join(say(rs) for rs in order))
-
-
 def _share_cpu_cores() -> None:
     """CPU ranks of one node split its cores, unless the user set OMP_NUM_THREADS (torchrun does)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    from .parallel.process_group import local_ranks
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks()))
 
 

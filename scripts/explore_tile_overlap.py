@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fastattn_dist.attention.cudnn_split import cudnn_attend, merge  # noqa: E402
 from fastattn_dist.attention.triton_fa import triton_attention  # noqa: E402
 from fastattn_dist.masks import Causal  # noqa: E402
-from fastattn_dist.parallel.standin import GpuLinkModel, StandInAllReduce  # noqa: E402
-from fastattn_dist.parallel.tiling_allreduce import cost_balanced_plan  # noqa: E402
+from fastattn_dist.parallel.emulated_comm import StandInAllReduce
+from fastattn_dist.parallel.link_models import GpuLinkModel  # noqa: E402
+from fastattn_dist.parallel.tile_plan import cost_balanced_plan  # noqa: E402
 
 D = 128
 DT = torch.bfloat16

@@ -3,9 +3,12 @@
 #   bash scripts/gpu_session.sh OUTDIR [STEP...]
 # Steps (default: tests emulate): tests (python -m pytest tests/gpu), tune (one GPU: fastattn-dist tune
 # --emulate-tp for TPS), emulate (one GPU: bench --emulate-tp for TPS on the grid, reading tuned.json
-# when tune ran first), real (2+ GPUs: bench at TP=all GPUs, NCCL and copy-engine paths, and the
-# profiler's trace of one shape). TPS (default "4 2 8"), REPEATS, BENCH_ARGS, T_* (step timeouts) adjust.
-# Writes under OUTDIR: session.log (everything printed), tuned.json, bench_tp<N>[_emulated].json, prof/...
+# when tune ran first), model (one GPU: bench-model --emulate-tp, rank 0 of 70b at TP=8 and 8b at TP=4 and 2,
+# and 8b at TP=1), trace (one GPU: the kernel trace of a 2-layer slice of 70b at TP=8, S=8K), decode (one GPU:
+# bench-model --model 7b at world size 1), real (2+ GPUs: bench and bench-model at TP=all GPUs, NCCL and
+# copy-engine paths, and the profiler's trace of one shape). TPS (default "4 2 8"), REPEATS, BENCH_ARGS,
+# MODEL_ARGS, T_* (step timeouts) adjust.
+# Writes under OUTDIR: session.log (everything printed), tuned.json, bench_*.json, trace_*.json/png, prof/...
 set -uo pipefail
 OUT=${1:?output folder}
 shift
@@ -31,8 +34,19 @@ for step in $STEPS; do
             T=${T_TUNE:-120} run python3 -m fastattn_dist tune --emulate-tp "$tp" --out "$OUT/tuned.json" --batch 4 \
               --seq 2048
           done ;;
+    model) for spec in "8 70b" "4 8b" "2 8b --seq 8192 32768" "1 8b --seq 8192"; do
+             set -- $spec
+             T=${T_MODEL:-300} run python3 -m fastattn_dist bench-model --emulate-tp "$1" --model "$2" "${@:3}" \
+               --repeats "${REPEATS:-3}" --warmup 1 --out "$OUT" ${MODEL_ARGS:-}
+           done ;;
+    trace) T=${T_TRACE:-150} run python3 scripts/trace_model_overlap.py --model 70b --tp 8 --layers 2 --seq 8192 \
+             --out "$OUT" ;;
+    decode) T=${T_DECODE:-300} run python3 -m fastattn_dist bench-model --model 7b --world-size 1 --dist-backend nccl \
+              --seq 8192 --decode-tokens 64 --repeats 3 --out "$OUT" ;;
     real) [ "$NGPU" -ge 2 ] || { echo "real: needs 2+ GPUs, this machine has $NGPU" | tee -a "$LOG"; continue; }
           T=400 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist bench --out "$OUT"
+          T=400 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist bench-model --model 8b --no-hf \
+            --seq 8192 --repeats 3 --out "$OUT"
           mkdir -p "$OUT/prof"
           T=150 run torchrun --standalone --nproc-per-node "$NGPU" -m fastattn_dist profile --dtype bfloat16 \
             --seq 8192 --hidden 8192 --heads 64 --kv-heads 64 --no-link --no-rope --compare --out "$OUT/prof" ;;

@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastattn_dist.parallel.standin import GpuLinkModel  # noqa: E402
+from fastattn_dist.parallel.link_models import GpuLinkModel  # noqa: E402
 
 GRID = 64
 

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from explore_tile_overlap import Runner, Shape, plan_bounds, timed_graph  # noqa: E402
-from fastattn_dist.parallel.standin import GpuLinkModel, StandInAllReduce  # noqa: E402
+from fastattn_dist.parallel.emulated_comm import StandInAllReduce
+from fastattn_dist.parallel.link_models import GpuLinkModel  # noqa: E402
 
 
 def kernel_timeline(prof):

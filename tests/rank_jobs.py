@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import fastattn_dist as fa
-from fastattn_dist.config import LinkModel
+from fastattn_dist.parallel.link_models import LinkModel
 from fastattn_dist.parallel.comm import ProcessGroupAllReduce
 
 

@@ -29,7 +29,9 @@ def test_load_full_weights_accepts_linear_modules():
            nn.Linear(32, 32, bias=False)]
     blk = TPAttention(32, 4, 2, tiles=1)
     blk.load_full_weights(*lin)
-    assert torch.equal(blk.q_proj.weight, lin[0].weight) and torch.equal(blk.o_proj.weight, lin[3].weight)
+    # q, k and v are one fused column-parallel projection: their rows stacked in that order
+    assert torch.equal(blk.qkv.weight, torch.cat([lin[0].weight, lin[1].weight, lin[2].weight]))
+    assert torch.equal(blk.o_proj.weight, lin[3].weight)
 
 
 def _rope_by_hand(x, theta, positions, freqs=None):

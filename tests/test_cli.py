@@ -7,6 +7,8 @@ import torch
 
 from conftest import run_cli
 from fastattn_dist import cli, runner
+from fastattn_dist.cli.block_job import BlockConfig
+from fastattn_dist.cli.options import launch_from_args
 
 SMALL = ["--seq", "96", "--hidden", "128", "--heads", "8", "--kv-heads", "4", "--repeats", "2", "--warmup", "0"]
 
@@ -76,7 +78,7 @@ def test_an_out_folder_under_a_file_is_one_line(tmp_path, command):
 
 
 def test_tune_profile_path_is_checked(tmp_path):
-    from fastattn_dist.tune import check_profile_writable
+    from fastattn_dist.tuning.measured import check_profile_writable
 
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="is a directory"):
@@ -173,10 +175,10 @@ def test_shapes_are_checked_against_the_launchers_world_size(monkeypatch):
     args = cli.build_parser().parse_args(["demo", "--hidden", "144", "--heads", "9", "--kv-heads", "3"])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert cli.block_config(args, cli.launch_from_args(args)).world_size == 3
+    assert BlockConfig.from_args(args, launch_from_args(args)).world_size == 3
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"divisible by the world size \(2\)"):
-        cli.block_config(args, cli.launch_from_args(args))
+        BlockConfig.from_args(args, launch_from_args(args))
 
 
 def test_demo_one_rank_says_there_is_no_comm_and_no_check(capsys):

@@ -37,6 +37,8 @@ def test_causal_tile_equals_reference(B, S, r0, r1):
     ref = attention64(q[:, r0:r1], k, v, Causal(), q_offset=r0)
     assert torch.allclose(out, ref, atol=1e-12, rtol=1e-12)
     want = [(r1 - r0, r1 - r0, True)] + ([(r1 - r0, r0, False)] if r0 else [])
+    if r0 >= S - 1:  # every key lies before or at the tile's one row: a single unmasked call
+        want = [(r1 - r0, S, False)]
     assert calls == want, "a causal tile is one top-left causal call, plus one unmasked call for its prefix"
 
 
@@ -74,10 +76,24 @@ def test_supports():
     assert cudnn_split.supports(q, k, Causal(), 48, False)
     assert cudnn_split.supports(q, k, NoMask(), 0, False)
     assert not cudnn_split.supports(q, k, Causal(), 49, False)        # its own keys are missing
-    assert not cudnn_split.supports(q, k, Causal(), 0, True)          # the caller wants the LSE
+    assert cudnn_split.supports(q, k, Causal(), 0, True)              # the LSE of one diagonal call
+    assert cudnn_split.supports(q, k, Causal(), 63, True)             # every key before the rows: one call
+    assert cudnn_split.supports(q, k, NoMask(), 0, True)
+    assert not cudnn_split.supports(q, k, Causal(), 48, True)         # a cut call: its merge gives no LSE
     assert not cudnn_split.supports(q, k, SlidingWindow(8), 0, False)
     assert not cudnn_split.supports(q, k, KeyPadding([64]), 0, False)
     assert cudnn_split.supports(q, t(1, 64, 2, 128), Causal(), 0, False)       # GQA: K/V repeated for the call
     assert not cudnn_split.supports(q, t(1, 64, 3, 128), Causal(), 0, False)   # 4 heads over 3 kv heads
     assert not cudnn_split.supports(t(1, 16, 4, 128, dtype=torch.float32), k.float(), Causal(), 0, False)
     assert not cudnn_split.supports(t(1, 16, 4, 96), t(1, 64, 4, 96), Causal(), 0, False)
+
+
+@pytest.mark.parametrize("mask,q_offset,Sq,Sk", [("none", 0, 9, 31), ("causal", 0, 9, 31), ("causal", 30, 4, 31)])
+def test_single_calls_return_the_lse(mask, q_offset, Sq, Sk):
+    """The calls cuDNN makes whole also hand back their LSE (the two-tier KV cache merges parts by it)."""
+    q, k, v = qkv(2, Sq, Sk, 2, 32, seed=11)
+    m = NoMask() if mask == "none" else Causal()
+    calls.clear()
+    out, lse = cudnn_split.split_attention(q, k, v, m, q_offset=q_offset, return_lse=True, attend=fake_cudnn)
+    ref, ref_lse = attention64(q, k, v, m, q_offset=q_offset, return_lse=True)
+    assert len(calls) == 1 and torch.allclose(out, ref, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)

@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 for mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_decode"):
     if mod in sys.modules:  # imported earlier without the interpreter: rebuild
         importlib.reload(sys.modules[mod])
-from fastattn_dist.attention import decode  # noqa: E402
+from fastattn_dist.attention import decode, select  # noqa: E402
 from fastattn_dist.reference_block import attention64  # noqa: E402
 
 
@@ -66,9 +66,13 @@ def test_decode_attention_paths_agree():
     lens = [50, 17, 1]
     kv_len = torch.tensor(lens)
     ref = reference(q, k, v, lens)
-    assert decode.split_kernel_runs(q)
+    assert select.split_decode_runs(q)
     assert rel(decode.decode_attention(q, k, v, kv_len), ref) < TOL[torch.float32]
-    assert rel(decode._run(q, k, v, decode.Mask(False, None, kv_len), 0, None), ref) < TOL[torch.float32]
+    assert rel(decode._run("auto", q, k, v, decode.Mask(False, None, kv_len), 0, None), ref) < TOL[torch.float32]
+    # the torch backend asked for: the prefill kernel with the lengths as its mask, same result
+    assert select.decode_kernel_for("torch", q, None) == "lengths"
+    assert rel(decode.decode_attention(q, k, v, kv_len, backend="torch"), ref) < TOL[torch.float32]
+    assert select.decode_kernel_for("auto", q, 5) == "per_sequence"
     # a window of 5: the query at position n-1 sees keys n-5..n-1
     win = torch.cat([attention64(q[b:b + 1], k[b:b + 1, max(0, n - 5):n], v[b:b + 1, max(0, n - 5):n], "none")
                      for b, n in enumerate(lens)])

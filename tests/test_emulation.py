@@ -8,9 +8,9 @@ import torch
 from conftest import REL_TOL, rel_err
 from fastattn_dist import Causal, TPAttention, TilePlan
 from fastattn_dist.parallel.comm import NoComm
-from fastattn_dist.parallel.standin import GpuLinkModel, MEASURED_FITS
+from fastattn_dist.parallel.link_models import NVLINK_FITS as MEASURED_FITS, GpuLinkModel
 from fastattn_dist.reference_block import reference_block
-from fastattn_dist.tuning import PROFILES, BlockCost, CommOption, choose, simulate
+from fastattn_dist.tuning.cost_model import PROFILES, BlockCost, CommOption, choose, simulate
 from rank_jobs import make_input, make_weights
 
 
@@ -96,3 +96,20 @@ def test_sm_share_makes_overlapped_compute_slower_and_steers_the_comm_choice():
     one = TilePlan.single(8192)
     assert simulate(one, row_cost, cost, prof, None, model, sm_fraction=0.5).block_s == pytest.approx(
         simulate(one, row_cost, cost, prof, None, model).block_s)
+
+
+def test_small_messages_take_the_small_message_latency():
+    """Decode's all-reduces (8-64 KB) are latency: the small-message figure below 256 KiB, the measured fit from
+    16 MB, interpolated between; the time grows with the size and has no jump at either knee."""
+    from fastattn_dist.parallel.link_models import FIT_MIN_BYTES, SMALL_LATENCY_US, SMALL_MAX_BYTES
+
+    for n in (2, 4, 8):
+        m = GpuLinkModel.for_world_size(n)
+        t = m.allreduce_seconds(16 << 10, n)
+        assert t == pytest.approx(SMALL_LATENCY_US[n] * 1e-6 + 2 * (n - 1) / n * (16 << 10) / (m.bus_gbps * 1e9))
+        sizes = [1 << k for k in range(10, 30)]
+        times = [m.allreduce_seconds(b, n) for b in sizes]
+        assert times == sorted(times)
+        for knee in (SMALL_MAX_BYTES, FIT_MIN_BYTES):
+            assert m.allreduce_seconds(knee + 1, n) == pytest.approx(m.allreduce_seconds(knee, n), rel=1e-3)
+    assert GpuLinkModel.for_world_size(4, small_latency_us=5.0).allreduce_seconds(1024, 4) < 6e-6  # an override

@@ -2,7 +2,7 @@
 import pytest
 
 from fastattn_dist import spawn_ranks
-from fastattn_dist.workload import BlockConfig
+from fastattn_dist.cli.block_job import BlockConfig
 
 # The demo's default shape with a link at 0.12 GB/s: comm is about half of compute, long enough to
 # matter (35 ms a block) while each tile's transfer fits under the next tile's compute. Smaller shapes
@@ -14,11 +14,11 @@ def profile_job(rank, world, cfg):
     """Count calls with recording off, record both runs, gather; then a gather with a tile missing on rank 1."""
     from test_profiler import counting
 
-    from fastattn_dist.workload import make_inputs
+    from fastattn_dist.cli.block_job import make_inputs
     from fastattn_dist.masks import resolve_mask
     from fastattn_dist.profiler.gather import estimate_clock_offsets, gather_profile
-    from fastattn_dist.profiler.job import record_runs
-    from fastattn_dist.profiler.recorder import SpanRecorder
+    from fastattn_dist.cli.profile import record_runs
+    from fastattn_dist.recorder import SpanRecorder
     import fastattn_dist as fa
     import torch
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from fastattn_dist import Causal, LinkModel, NoMask, SlidingWindow, TilePlan
-from fastattn_dist.config import TilePlanOptions
-from fastattn_dist.parallel.tiling_allreduce import cost_balanced_plan, tile_segments
-from fastattn_dist.tuning import (PROFILES, BlockCost, DeviceProfile, LayerCost, choose_plan, choose_stack_plan,
+from fastattn_dist.tuning.cost_model import TilePlanOptions
+from fastattn_dist.parallel.tile_plan import cost_balanced_plan, tile_segments
+from fastattn_dist.tuning.cost_model import (PROFILES, BlockCost, DeviceProfile, LayerCost, choose_plan, choose_stack_plan,
                                   simulate, simulate_stack)
 
 CPU = PROFILES["cpu"]
@@ -91,7 +91,7 @@ def test_auto_respects_options():
 
 @pytest.mark.parametrize("r0,r1,world", [(0, 10, 2), (5, 6, 4), (3, 40, 3), (0, 2, 4)])
 def test_copy_engine_chunks_partition_the_tile(r0, r1, world):
-    from fastattn_dist.parallel.ce_allreduce import chunk_bounds
+    from fastattn_dist.parallel.copy_engine import chunk_bounds
 
     chunks = chunk_bounds(r0, r1, world)
     assert len(chunks) == world and chunks[0][0] == r0 and chunks[-1][1] == r1
@@ -101,7 +101,7 @@ def test_copy_engine_chunks_partition_the_tile(r0, r1, world):
 
 
 def test_stream_mode_follows_whether_comm_or_compute_bounds_the_plan():
-    from fastattn_dist.tuning import Prediction, tile_streams_for
+    from fastattn_dist.tuning.cost_model import Prediction, tile_streams_for
 
     plan = TilePlan((0, 10, 20))
     assert tile_streams_for(Prediction(plan, 2.0, compute_s=1.0, comm_s=0.9, exposed_s=1.0)) == "one"
@@ -113,7 +113,7 @@ def test_stream_mode_follows_whether_comm_or_compute_bounds_the_plan():
 def test_measured_plans_replace_the_model_and_a_taxed_plan_is_not_chosen():
     """With measured compute, auto simulates only the plans timed on the GPU: a plan whose measured tax exceeds
     the comm it hides loses to one tile; a cheap one wins."""
-    from fastattn_dist.tuning import MeasuredPlans, choose_plan
+    from fastattn_dist.tuning.cost_model import MeasuredPlans, choose_plan
 
     c = cost(seq=1024, world=2)
     link = LinkModel(50, 0.08)
@@ -127,7 +127,7 @@ def test_measured_plans_replace_the_model_and_a_taxed_plan_is_not_chosen():
 
 
 def test_tuned_profile_round_trip(tmp_path, monkeypatch):
-    from fastattn_dist import tune
+    from fastattn_dist.tuning import measured as tune
 
     path = tmp_path / "sub" / "tuned.json"
     monkeypatch.setenv(tune.ENV, str(path))

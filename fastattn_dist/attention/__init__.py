@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 
 from ..masks import Mask, MaskLike, resolve_mask
+from .cudnn_split import split_attention
 from .reference import reference_attention
+from .sdpa import sdpa_attention
 from .select import BACKENDS, available, kernel_for, resolve_backend
 from .tiled import BlockStats, tiled_attention
 
@@ -115,12 +117,10 @@ def run_kernel(which: str, q, k, v, m: Mask, *, q_offset: int = 0, scale: Option
         return tiled_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
                                block_q=block_q, block_k=block_k, stats=stats)
     if which == "triton":
-        from .triton_fa import triton_attention
+        from .triton_fa import triton_attention  # needs Triton (an optional extra): loaded where it runs
         return triton_attention(q, k, v, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out)
     if which == "cudnn":
-        from .cudnn_split import split_attention
-        return split_attention(q, k, v, m, q_offset=q_offset, scale=scale, out=out)
-    from .sdpa import sdpa_attention
+        return split_attention(q, k, v, m, q_offset=q_offset, scale=scale, out=out, return_lse=return_lse)
     return sdpa_attention(q, k, v, m, q_offset=q_offset, scale=scale, out=out)
 
 

@@ -11,7 +11,8 @@ each one cuDNN call that also returns its log-sum-exp, and one merge pass writes
 mix into ``out`` (a slice of the o_proj input buffer): ``out = o_d + sigmoid(lse_p - lse_d) (o_p - o_d)``.
 The first tile (r0 = 0) and unmasked calls are a single cuDNN call and a copy.
 
-``supports`` says which calls cuDNN can take whole; the rest go to the Triton kernel (attention/select.py).
+``supports`` says which calls cuDNN can take whole; the rest go to the Triton kernel (attention/select.py). A call
+that wants the LSE too is taken when it is one cuDNN call (no merge): every key visible, or the diagonal alone.
 With no ``out``, a single-call tile returns cuDNN's own output (token-major, so the o_proj GEMM reads it
 as it is: no copy). The merge and the cut are plain code, tested on CPU with any attention in place of
 cuDNN (``attend=``); cuDNN itself is checked in tests/gpu.
@@ -31,14 +32,26 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, bool],
                   Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
+def single_call(k: torch.Tensor, mask: Mask, q_offset: int) -> Optional[bool]:
+    """The causal flag of the one cuDNN call that computes this attention whole, or None when it needs the cut:
+    False when every row sees every key (no mask, or all keys before the first row), True for the diagonal alone
+    (queries from position 0, causal, top-left aligned)."""
+    if not mask.causal or q_offset >= k.shape[1] - 1:
+        return False
+    return True if q_offset == 0 else None
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return_lse: bool) -> bool:
     """Whether a call can go to cuDNN whole (the rest goes to the Triton kernel)."""
-    if return_lse or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] % k.shape[2]:
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] % k.shape[2]:
         return False
     if q.shape[3] not in (64, 128) or mask.key_lengths is not None or mask.window is not None:
         return False
-    # causal: the tile's own keys must exist (rows [q_offset, q_offset + Sq) see keys up to their own)
-    return not mask.causal or q_offset + q.shape[1] <= k.shape[1]
+    if return_lse and single_call(k, mask, q_offset) is None:
+        return False  # a cut call's LSE would need the merge to return one too
+    # causal: the rows' own keys must exist (rows [q_offset, q_offset + Sq) see keys up to their own), unless
+    # every key lies before the first row
+    return not mask.causal or q_offset + q.shape[1] <= k.shape[1] or q_offset >= k.shape[1] - 1
 
 
 def cudnn_attend(q, k, v, causal: bool, scale: float, want_lse: bool):
@@ -55,13 +68,17 @@ def cudnn_attend(q, k, v, causal: bool, scale: float, want_lse: bool):
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
-                    scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
-                    attend: Attend = cudnn_attend) -> torch.Tensor:
-    """Same contract as ``tiled_attention`` (no LSE) for the calls ``supports`` accepts; with ``out=None`` a
-    single-call tile returns cuDNN's output itself."""
+                    scale: Optional[float] = None, out: Optional[torch.Tensor] = None, return_lse: bool = False,
+                    attend: Attend = cudnn_attend):
+    """Same contract as ``tiled_attention`` for the calls ``supports`` accepts (the LSE for single calls only);
+    with ``out=None`` a single-call tile returns cuDNN's output itself."""
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     Sq = q.shape[1]
-    if not mask.causal:
+    if return_lse:
+        causal = single_call(k, mask, q_offset)
+        o, lse = attend(q, k, v, causal, scale, True)
+        return (o if out is None else out.copy_(o)), lse
+    if single_call(k, mask, q_offset) is False:
         o, _ = attend(q, k, v, False, scale, False)
         return o if out is None else out.copy_(o)
     r0, r1 = q_offset, q_offset + Sq

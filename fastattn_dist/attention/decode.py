@@ -21,31 +21,29 @@ from typing import Optional
 import torch
 
 from ..masks import Mask
+from . import run_kernel
+from .select import decode_kernel_for, kernel_for
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor, *,
-                     window: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+                     window: Optional[int] = None, scale: Optional[float] = None, backend: str = "auto",
+                     return_lse: bool = False):
+    """See the module docstring; ``backend`` as ``fastattn_dist.attention``'s (select.decode_kernel_for decides).
+    ``return_lse``: also the log-sum-exp ``[B, Hq, 1]`` (one row per sequence, no window)."""
     B, Sq = q.shape[:2]
-    if Sq == 1 and window is None:  # one row per sequence sees all its keys: key lengths are the whole mask
-        if split_kernel_runs(q):
-            return split_decode(q, k_cache, v_cache, kv_len, scale)
-        return _run(q, k_cache, v_cache, Mask(False, None, kv_len), 0, scale)
-    # per-sequence offsets: one call per sequence (rare: windows, or several new rows per sequence)
+    which = decode_kernel_for(backend, q, window)
+    if which == "split":
+        return split_decode(q, k_cache, v_cache, kv_len, scale, return_lse=return_lse)
+    if which == "lengths":  # one row per sequence sees all its keys: key lengths are the whole mask
+        return _run(backend, q, k_cache, v_cache, Mask(False, None, kv_len), 0, scale, return_lse)
+    if return_lse:
+        raise ValueError("decode attention returns an LSE for one row per sequence without a window only")
     lens = kv_len.tolist()
     out = torch.empty_like(q)
     for b, n in enumerate(lens):
         mask = Mask(True, window, None)
-        out[b:b + 1] = _run(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], mask, n - Sq, scale)
+        out[b:b + 1] = _run(backend, q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], mask, n - Sq, scale)
     return out
-
-
-def split_kernel_runs(q: torch.Tensor) -> bool:
-    if q.dtype == torch.float64 or q.shape[3] not in (16, 32, 64, 128, 256):
-        return False
-    if q.is_cuda:
-        return True
-    from .triton_fa import INTERPRETED
-    return INTERPRETED
 
 
 def num_splits(batch: int, kv_heads: int, cache_len: int, sms: int) -> int:
@@ -58,10 +56,10 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  scale: Optional[float] = None, splits: Optional[int] = None, return_lse: bool = False):
     """The split-K kernel and its combine; q ``[B, 1, Hq, D]``, caches ``[B, L, Hkv, D]`` (unit last stride).
     With ``return_lse`` also the log-sum-exp ``[B, Hq, 1]`` (float32, natural log) of each row."""
-    import triton
+    import triton  # an optional extra: the split-K kernel runs where Triton does
 
-    from .triton_decode import LOG2E, combine_kernel, split_kernel
-    from .triton_fa import INTERPRETED
+    from .triton_decode import LOG2E, combine_kernel, split_kernel  # Triton kernels: loaded where they run
+    from .triton_fa import INTERPRETED  # needs Triton
 
     B, _, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -95,12 +93,10 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return (out, lse) if return_lse else out
 
 
-def _run(q, k, v, mask: Mask, q_offset: int, scale):
-    if q.is_cuda and q.dtype != torch.float64:
-        from .triton_fa import triton_attention
-        return triton_attention(q, k, v, mask, q_offset=q_offset, scale=scale)
-    from .tiled import tiled_attention
-    if mask.key_lengths is not None:  # the CPU kernel skips blocks past the longest sequence
+def _run(backend: str, q, k, v, mask: Mask, q_offset: int, scale, return_lse: bool = False):
+    which = kernel_for(backend, q, k, mask, q_offset, return_lse)
+    if which == "torch" and mask.key_lengths is not None:  # the CPU kernel skips blocks past the longest sequence
         longest = int(mask.key_lengths.max())
         k, v = k[:, :longest], v[:, :longest]
-    return tiled_attention(q, k, v, mask, q_offset=q_offset, scale=scale, block_k=512)
+    return run_kernel(which, q, k, v, mask, q_offset=q_offset, scale=scale, return_lse=return_lse,
+                      block_k=512 if which == "torch" else None)

@@ -8,6 +8,9 @@ cannot take it, the call goes to the next kernel of a fixed chain, and nowhere e
     triton -> torch    float64 (no tensor-core path worth having)
     sdpa   -> torch    an LSE for the caller (SDPA's public API returns none)
 
+``decode_kernel_for`` picks for decode: one query row per sequence against a KV cache whose lengths stay on the
+device (the split-K kernel, or the prefill kernel with the lengths as its mask), or per sequence (windows).
+
 ``available`` says, before any rank starts, whether a backend can run on a device at all.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from ..devices import family_of
 from ..masks import Mask
+from .cudnn_split import supports
 
 log = logging.getLogger("fastattn_dist")
 
@@ -35,7 +39,7 @@ def _triton_importable() -> Optional[str]:
 
 
 def _interpreted() -> bool:
-    from . import triton_fa
+    from . import triton_fa  # needs Triton (an optional extra), which decides whether it interprets
     return triton_fa.INTERPRETED
 
 
@@ -77,8 +81,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def kernel_for(backend: str, q: torch.Tensor, k: torch.Tensor, mask: Mask, q_offset: int, return_lse: bool) -> str:
     """The kernel that runs this call: the resolved backend, or its fallback where it cannot take the call."""
-    from .cudnn_split import supports
-
     which = resolve_backend(backend, q.device)
     if which == "cudnn" and not (q.is_cuda and supports(q, k, mask, q_offset, return_lse)):
         which = "triton"
@@ -87,3 +89,21 @@ def kernel_for(backend: str, q: torch.Tensor, k: torch.Tensor, mask: Mask, q_off
     if which == "sdpa" and return_lse:
         which = "torch"
     return which
+
+
+def split_decode_runs(q: torch.Tensor) -> bool:
+    """Whether the split-K decode kernel (triton_decode.py) takes these query rows."""
+    if q.dtype == torch.float64 or q.shape[3] not in (16, 32, 64, 128, 256):
+        return False
+    return q.is_cuda or _interpreted()
+
+
+def decode_kernel_for(backend: str, q: torch.Tensor, window: Optional[int]) -> str:
+    """How a decode call runs: "split" (the split-K kernel: one row per sequence, no window), "lengths" (the
+    prefill kernel ``kernel_for`` picks, the cache's lengths as its mask), or "per_sequence" (a window, or several
+    new rows per sequence: one call per sequence, which reads the lengths on the host)."""
+    if q.shape[1] != 1 or window is not None:
+        return "per_sequence"
+    if resolve_backend(backend, q.device) not in ("torch", "reference") and split_decode_runs(q):
+        return "split"
+    return "lengths"

@@ -31,6 +31,38 @@ class BlockStats:
         setattr(self, kind.value, getattr(self, kind.value) + 1)
 
 
+def _query_tile(q_tile, kt, vg, mask: Mask, q0: int, q_pos, k_pos_all, kl, len_min, len_max, block_k: int, stats):
+    """One query tile ``[B, Hkv, G * tq, D]`` (already scaled) over the key blocks the mask does not skip, with the
+    online softmax: returns (unnormalised accumulator, running max, running sum)."""
+    B, Hkv, rows, D = q_tile.shape
+    tq, Sk, acc_dt = q_pos.numel(), kt.shape[-1], q_tile.dtype
+    G = rows // tq
+    m = torch.full((B, Hkv, rows, 1), float("-inf"), dtype=acc_dt, device=q_tile.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(B, Hkv, rows, D, dtype=acc_dt, device=q_tile.device)
+    for ks in range(0, Sk, block_k):
+        ke = min(ks + block_k, Sk)
+        kind = mask.classify(q0, q0 + tq, ks, ke, len_min, len_max)
+        if stats is not None:
+            stats.add(kind)
+        if kind is BlockKind.SKIP:
+            continue
+        s = torch.matmul(q_tile, kt[..., ks:ke].to(acc_dt))  # [B, Hkv, G*tq, tk]
+        if kind is BlockKind.PARTIAL:
+            vis = mask.visible(q_pos, k_pos_all[ks:ke], kl)  # [tq, tk] or [B, tq, tk]
+            vis = vis[:, None, None] if vis.dim() == 3 else vis[None, None, None]
+            s = s.view(B, Hkv, G, tq, ke - ks).masked_fill(~vis, float("-inf")).view_as(s)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        # A row with nothing visible so far keeps m = -inf; shift by 0 so exp() gives 0, not NaN.
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - m_safe)
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, vg[:, :, ks:ke].to(acc_dt))
+        m = m_new
+    return acc, m, l
+
+
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
                     q_offset: int = 0, scale: Optional[float] = None, return_lse: bool = False,
                     out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
@@ -64,30 +96,9 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mas
         qe = min(qs + block_q, Sq)
         tq = qe - qs
         q_tile = qg[:, :, :, qs:qe].reshape(B, Hkv, G * tq, D) * scale
-        m = torch.full((B, Hkv, G * tq, 1), float("-inf"), dtype=acc_dt, device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(B, Hkv, G * tq, D, dtype=acc_dt, device=q.device)
         q_pos = torch.arange(qs, qe, device=q.device) + q_offset
-        for ks in range(0, Sk, block_k):
-            ke = min(ks + block_k, Sk)
-            kind = mask.classify(q_offset + qs, q_offset + qe, ks, ke, len_min, len_max)
-            if stats is not None:
-                stats.add(kind)
-            if kind is BlockKind.SKIP:
-                continue
-            s = torch.matmul(q_tile, kt[..., ks:ke].to(acc_dt))  # [B, Hkv, G*tq, tk]
-            if kind is BlockKind.PARTIAL:
-                vis = mask.visible(q_pos, k_pos_all[ks:ke], kl)  # [tq, tk] or [B, tq, tk]
-                vis = vis[:, None, None] if vis.dim() == 3 else vis[None, None, None]
-                s = s.view(B, Hkv, G, tq, ke - ks).masked_fill(~vis, float("-inf")).view_as(s)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            # A row with nothing visible so far keeps m = -inf; shift by 0 so exp() gives 0, not NaN.
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe)
-            alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.matmul(p, vg[:, :, ks:ke].to(acc_dt))
-            m = m_new
+        acc, m, l = _query_tile(q_tile, kt, vg, mask, q_offset + qs, q_pos, k_pos_all, kl, len_min, len_max, block_k,
+                                stats)
         res = acc / torch.where(l == 0, torch.ones_like(l), l)
         out[:, qs:qe] = res.view(B, Hkv, G, tq, D).permute(0, 3, 1, 2, 4).reshape(B, tq, Hq, D).to(out.dtype)
         if lse_all is not None:

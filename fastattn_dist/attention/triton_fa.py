@@ -121,6 +121,48 @@ def _attn_stage(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col
     return acc, l_i, m_i
 
 
+@triton.jit
+def _key_range(KL, b, Sq, Sk, q_offset, m0, window, HAS_KEY_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys [lo, hi) the program's rows can see, from the mask description, and its three stages: masked
+    [s1, e1) (the window's left edge), unmasked whole blocks [s2, e2), masked [e2, hi) (diagonal, key length)."""
+    kv_len = Sk
+    if HAS_KEY_LENGTHS:
+        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
+    p_min = q_offset + m0
+    p_max = q_offset + tl.minimum(m0 + BLOCK_M, Sq) - 1
+    hi = kv_len
+    full_hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, p_max + 1)
+        full_hi = tl.minimum(full_hi, p_min + 1)
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(p_min - window + 1, 0)
+        full_lo = tl.maximum(p_max - window + 1, 0)
+    s1 = (lo // BLOCK_N) * BLOCK_N
+    s2 = tl.maximum(s1, ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    n_full = tl.maximum(full_hi - s2, 0) // BLOCK_N
+    e2 = s2 + n_full * BLOCK_N
+    e1 = tl.minimum(s2, hi)
+    return lo, hi, s1, e1, s2, e2
+
+
+@triton.jit
+def _epilogue(acc, l_i, m_i, O, LSE, b, h, pid_bh, offs_m, offs_d, d_ok, Sq, stride_ob, stride_os, stride_oh,
+              stride_od, RETURN_LSE: tl.constexpr):
+    """Normalise and store the rows (rows with no visible key give 0 and lse = -inf)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
+    if RETURN_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
 # Sizes and offsets vary per tile: no per-value specialisation (one compile serves every tile).
 @triton.jit(do_not_specialize=["Sq", "Sk", "Hq", "G", "q_offset", "window", "TUNE_Q", "TUNE_K", "TUNE_BH"])
 def _attn_fwd(Q, K, V, O, LSE, KL, q_desc, k_desc, v_desc,
@@ -149,28 +191,8 @@ def _attn_fwd(Q, K, V, O, LSE, KL, q_desc, k_desc, v_desc,
     d_ok = offs_d < HEAD_DIM
     q_pos = q_offset + offs_m
 
-    # -- the key range this program needs, from the mask description --------------------------
-    kv_len = Sk
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
-    p_min = q_offset + m0
-    p_max = q_offset + tl.minimum(m0 + BLOCK_M, Sq) - 1
-    hi = kv_len
-    full_hi = kv_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, p_max + 1)
-        full_hi = tl.minimum(full_hi, p_min + 1)
-    lo = 0
-    full_lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(p_min - window + 1, 0)
-        full_lo = tl.maximum(p_max - window + 1, 0)
-    # stage 1 (masked): [s1, e1); stage 2 (no mask): whole blocks in [full_lo, full_hi); stage 3: [e2, hi)
-    s1 = (lo // BLOCK_N) * BLOCK_N
-    s2 = tl.maximum(s1, ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
-    n_full = tl.maximum(full_hi - s2, 0) // BLOCK_N
-    e2 = s2 + n_full * BLOCK_N
-    e1 = tl.minimum(s2, hi)
+    lo, hi, s1, e1, s2, e2 = _key_range(KL, b, Sq, Sk, q_offset, m0, window, HAS_KEY_LENGTHS, IS_CAUSAL, HAS_WINDOW,
+                                        BLOCK_M, BLOCK_N)
 
     # -- pointers / descriptors ------------------------------------------------------------------
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -201,15 +223,8 @@ def _attn_fwd(Q, K, V, O, LSE, KL, q_desc, k_desc, v_desc,
                                 stride_ks, stride_vs, e2, hi, lo, hi, q_pos, qk_scale, window,
                                 True, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, INTERPRET)
 
-    # -- epilogue: rows with no visible key give 0 and lse = -inf --------------------------------
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
-    if RETURN_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    _epilogue(acc, l_i, m_i, O, LSE, b, h, pid_bh, offs_m, offs_d, d_ok, Sq, stride_ob, stride_os, stride_oh,
+              stride_od, RETURN_LSE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,6 +357,16 @@ def _tma_descs(q, k, v, d_pad):
     return tuple(descs)
 
 
+def _fixed_config(interp: bool) -> Optional[dict]:
+    """The one config a call uses without autotuning: the interpreter's, or FASTATTN_TRITON_CONFIG's."""
+    if interp:
+        return dict(INTERPRET_CONFIG)
+    if os.environ.get(_ENV_CONFIG):
+        bm, bn, w, s, *t = (int(x) for x in os.environ[_ENV_CONFIG].split(","))
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "USE_TMA": bool(t and t[0])}
+    return None
+
+
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, q_offset: int = 0,
                      scale: Optional[float] = None, return_lse: bool = False, out: Optional[torch.Tensor] = None):
     """Same contract as ``tiled_attention`` (see the module docstring) for fp16, bf16 and fp32."""
@@ -365,9 +390,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
         kl = kl.to(q.device)
     window = mask.window if (mask.causal and mask.window is not None) else 0
     # fp32 inputs: exact products unless the user allowed TF32 for matmuls; 16-bit inputs: tensor cores
-    dot_prec = "tf32"
-    if q.dtype == torch.float32 and (interp or not torch.backends.cuda.matmul.allow_tf32):
-        dot_prec = "ieee"
+    dot_prec = "ieee" if q.dtype == torch.float32 and (interp or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
     args = (q, k, v, out, lse if lse is not None else out, kl if kl is not None else out)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
     meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_CAUSAL=bool(mask.causal), HAS_WINDOW=window > 0,
@@ -378,12 +401,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     def grid(m):
         return (B * Hq, triton.cdiv(Sq, m["BLOCK_M"]))
 
-    fixed = None
-    if interp:
-        fixed = dict(INTERPRET_CONFIG)
-    elif os.environ.get(_ENV_CONFIG):
-        bm, bn, w, s, *t = (int(x) for x in os.environ[_ENV_CONFIG].split(","))
-        fixed = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "USE_TMA": bool(t and t[0])}
+    fixed = _fixed_config(interp)
     major = 0 if interp else _capability_major(q.device)
     descs = (None, None, None)
     if (fixed is None and major >= 9) or (fixed is not None and fixed.get("USE_TMA")):

@@ -14,6 +14,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .inputs import check_ids
+
 
 @dataclass
 class GenerateStats:
@@ -119,7 +121,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     stop = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
     _check(model, max_new_tokens, temperature, top_p, stop)
     ids, lengths = pad_prompts(prompts)
-    ids = model._check_ids(ids)
+    ids = check_ids(ids, model.config.vocab_size, model.device)
     B, S = ids.shape
     need = S + max_new_tokens
     if need > model.config.max_position_embeddings:
@@ -147,9 +149,18 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     tok = _sample(model.prefill(ids, lengths, tiles), temperature, top_p, gen)
     st.prefill_s = now() - t0
     step = GraphedDecode(model, B) if graphs else model.decode_step
+    t0 = now()
+    out = _decode_loop(tok, lambda t: _sample(step(t), temperature, top_p, gen), max_new_tokens, stop, on_tokens, st)
+    st.decode_s = now() - t0
+    st.new_tokens = B * st.decode_steps
+    return out
+
+
+def _decode_loop(tok: torch.Tensor, step, max_new_tokens: int, stop: set, on_tokens, st: GenerateStats):
+    """Collect each sequence's tokens (the first from the prefill) until its stop token or ``max_new_tokens``."""
+    B = tok.shape[0]
     out: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
-    t0 = now()
     for n in range(max_new_tokens):
         new: List[Optional[int]] = [None] * B
         for b, t in enumerate(tok.tolist()):
@@ -161,8 +172,6 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
             on_tokens(new)
         if all(done) or n == max_new_tokens - 1:
             break
-        tok = _sample(step(tok), temperature, top_p, gen)
+        tok = step(tok)
         st.decode_steps += 1
-    st.decode_s = now() - t0
-    st.new_tokens = B * st.decode_steps
     return out

@@ -10,6 +10,8 @@ from typing import List
 
 import torch
 
+from ..kv import LayerKV
+
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
@@ -39,11 +41,9 @@ class KVCache:
     def reset(self) -> None:
         self.lengths.zero_()
 
-    def write_block(self, layer: int, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keys/values ``[b1 - b0, n, kv_heads, head_dim]`` at positions [start, start + n) of sequences b0..b1-1."""
-        n = k.shape[1]
-        self.k[layer][b0:b1, start:start + n] = k
-        self.v[layer][b0:b1, start:start + n] = v
+    def layer(self, i: int) -> LayerKV:
+        """Layer i's buffers as the attention sublayer's KV sink (prefill tiles write and attend through it)."""
+        return LayerKV(self.k[i], self.v[i])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One new token per sequence (``[batch, 1, kv_heads, head_dim]``) at each sequence's own length."""

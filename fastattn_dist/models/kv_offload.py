@@ -23,17 +23,38 @@ tensors (tests).
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
-from ..attention import kernel_for, run_kernel
+from ..attention import kernel_for, run_kernel, tiled_attention
+from ..attention.decode import decode_attention
 from ..masks import Mask
 from ..parallel.process_group import local_ranks
 
 GIB = 1 << 30
+DEFAULT_PREFILL_CHUNK = 8192   # prefill chunk with a host tier: activations bounded, host keys streamed per chunk
+STREAM_BLOCK_TOKENS = 16384    # host keys streamed to the device per block (two blocks in flight)
+ALLOCATOR_SLACK_BYTES = 2 * GIB  # kept free beside the cache: allocator fragmentation, library workspaces
+
+
+def kv_bytes_per_token(shape, num_layers: int, elem_bytes: int) -> int:
+    """K and V of one position of one sequence, all layers, on this rank (``shape``: the model's TPShape)."""
+    return 2 * num_layers * shape.local_kv_heads * shape.head_dim * elem_bytes
+
+
+def reserve_bytes(shape, num_layers: int, elem_bytes: int, prefill_chunk: Optional[int] = None) -> int:
+    """Device memory a KV cache must leave free: one prefill chunk's activations (the residual stream, a
+    sublayer's output and its normalised input, q/k/v, the MLP's gate/up and activation, in the model dtype), the
+    streamed host blocks of one layer, and the allocator's slack."""
+    chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
+    qkv = (shape.local_heads + 2 * shape.local_kv_heads) * shape.head_dim
+    acts = chunk * (6 * shape.hidden_size + 4 * shape.local_intermediate + 4 * qkv) * elem_bytes
+    streamed = 2 * STREAM_BLOCK_TOKENS * kv_bytes_per_token(shape, num_layers, elem_bytes) // num_layers
+    return acts + streamed + ALLOCATOR_SLACK_BYTES
 
 
 def host_memory_bytes() -> int:
@@ -74,6 +95,15 @@ class OffloadPlan:
                 f"prefill {self.prefill_host}, decode {self.decode_host} (measured: "
                 + (f"host->device {self.pcie_gbps:.1f} GB/s, " if self.pcie_gbps > 0 else "")
                 + f"CPU attention {self.cpu_gbps:.1f} GB/s of K/V). {self.why}")
+
+    @staticmethod
+    def check_mode(mode, device: torch.device) -> None:
+        """``mode`` is "off", "auto" or a token count >= 1, and "auto" has a GPU to split against."""
+        if mode not in ("off", "auto") and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
+            raise ValueError(f"kv_offload must be 'auto', 'off' or a number of tokens on the device, got {mode!r}")
+        if mode == "auto" and device.type != "cuda":
+            raise ValueError("kv_offload='auto' splits the KV cache between a GPU and host memory: this model is on "
+                             f"{device.type}; use a GPU (or give a token count to split a CPU cache, for tests)")
 
     @classmethod
     def decide(cls, mode, *, max_seq_len: int, batch: int, bytes_per_token: int, device: torch.device,
@@ -127,6 +157,10 @@ class OffloadPlan:
             plan.decode_host = "cpu" if plan.cpu_gbps >= plan.pcie_gbps or device.type != "cuda" else "stream"
             plan.prefill_host = "stream" if device.type == "cuda" else "cpu"
         return plan
+
+
+def log_offload_plan(plan: OffloadPlan) -> None:
+    logging.getLogger("fastattn_dist").warning("%s", plan.describe())
 
 
 _RATES: dict = {}  # device -> measured rates: a cache made again later does not measure again
@@ -232,6 +266,10 @@ class TieredKVCache:
             t.record_stream(self.copy_stream)
         self._written[layer] = ev
 
+    def layer(self, i: int, prefill_host: str) -> "TieredLayerKV":
+        """Layer i as the attention sublayer's KV sink; ``prefill_host``: how a chunk attends the host tier."""
+        return TieredLayerKV(self, i, prefill_host)
+
     def host_ready(self, layer: int) -> None:
         """Wait (host side) until this layer's host tier holds everything written so far."""
         ev = self._written[layer]
@@ -256,20 +294,12 @@ def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torc
 def part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int):
     """(o, lse) of queries against one part of the keys (positions relative to the part's first key). A part may
     hold no visible key for some sequences (key length 0): their rows give 0 and an lse of -inf."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and mask.window is None and \
-            mask.key_lengths is None and q.shape[3] in (64, 128):
-        from ..attention.cudnn_split import cudnn_attend
-        if not mask.causal or q_offset >= k.shape[1] - 1:  # every key visible: one unmasked call
-            return cudnn_attend(q, k, v, False, q.shape[3] ** -0.5, True)
-        if q_offset == 0 and q.shape[1] == k.shape[1]:  # the chunk's own keys: top-left causal
-            return cudnn_attend(q, k, v, True, q.shape[3] ** -0.5, True)
     which = kernel_for("auto", q, k, mask, q_offset, True)
     return run_kernel(which, q, k, v, mask, q_offset=q_offset, return_lse=True)
 
 
 def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int):
     """The host tier attended on the CPU (``q`` and the result are CPU tensors): (o float32, lse)."""
-    from ..attention.tiled import tiled_attention
     return tiled_attention(q, k, v, mask, q_offset=q_offset, return_lse=True, block_q=128, block_k=4096)
 
 
@@ -292,9 +322,23 @@ def _part_mask(causal: bool, window: Optional[int], lengths: Optional[torch.Tens
     return Mask(causal, window, kl)
 
 
+class TieredLayerKV:
+    """One layer of a two-tier cache as a KV sink (kv.py): a prefill tile's keys go to the tier their positions
+    fall in, and its queries attend to both tiers and its own keys, merged by LSE."""
+
+    def __init__(self, cache: TieredKVCache, layer: int, prefill_host: str) -> None:
+        self.cache, self.layer, self.mode = cache, layer, prefill_host
+
+    def write_and_attend(self, q, k, v, b0, b1, start, mask, backend, out=None):
+        self.cache.write_block(self.layer, b0, b1, start, k, v)
+        o = tiered_chunk_attention(self.cache, self.layer, b0, b1, q, k, v, start, mask.key_lengths, mask.window,
+                                   self.mode).to(q.dtype)
+        return o if out is None else out.copy_(o)
+
+
 def tiered_chunk_attention(cache: TieredKVCache, layer: int, b0: int, b1: int, q: torch.Tensor, own_k: torch.Tensor,
                            own_v: torch.Tensor, p0: int, lengths: Optional[torch.Tensor], window: Optional[int],
-                           mode: str, stream_tokens: int = 16384) -> torch.Tensor:
+                           mode: str, stream_tokens: int = STREAM_BLOCK_TOKENS) -> torch.Tensor:
     """Attention of a prefill chunk ``q`` ``[b1 - b0, C, Hq, D]`` (sequences b0..b1-1) at positions p0.. over every
     key before and in it: its own keys (causal), the device tier's and the host tier's (streamed or on the CPU),
     merged by LSE. ``lengths``: the sequences' real lengths (right padding), or None."""
@@ -371,11 +415,9 @@ def _windowed_decode(cache: TieredKVCache, layer: int, q: torch.Tensor, lens: Li
 
 
 def tiered_decode_attention(cache: TieredKVCache, layer: int, q: torch.Tensor, lens: List[int], mode: str,
-                            window: Optional[int]) -> torch.Tensor:
+                            window: Optional[int], backend: str = "auto") -> torch.Tensor:
     """One new query per sequence ``[B, 1, Hq, D]`` against both tiers (``lens``: keys per sequence, the new one
     included): the device tier on the device while the worker attends the host tier on the CPU (or streamed)."""
-    from ..attention.decode import split_decode, split_kernel_runs
-
     g = cache.gpu_tokens
     if window is not None:
         return _windowed_decode(cache, layer, q, lens, window)
@@ -387,10 +429,7 @@ def tiered_decode_attention(cache: TieredKVCache, layer: int, q: torch.Tensor, l
         kl = torch.tensor([max(0, n - g) for n in lens])
         fut = host_worker().submit(host_attention, q.cpu(), cache.host_k[layer][:, :host_n],
                                    cache.host_v[layer][:, :host_n], Mask(False, None, kl), 0)
-    if split_kernel_runs(q):
-        o, lse = split_decode(q, cache.k[layer], cache.v[layer], dev_len, return_lse=True)
-    else:
-        o, lse = part_attention(q, cache.k[layer], cache.v[layer], Mask(False, None, dev_len), 0)
+    o, lse = decode_attention(q, cache.k[layer], cache.v[layer], dev_len, backend=backend, return_lse=True)
     if not host_n:
         return o
     if fut is not None:

@@ -14,6 +14,8 @@ import time
 from typing import Dict, Optional
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, expected_tensors
 from .config import LlamaConfig
@@ -99,8 +101,6 @@ def random_checkpoint(path: "str | os.PathLike", config: LlamaConfig, *, seed: i
     equal size, and ``model.safetensors.index.json`` as transformers writes it. The same seed gives the same
     weights whatever the sharding.
     """
-    from safetensors.torch import save_file
-
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be a positive integer, got {shards!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -150,8 +150,6 @@ def build_tokenizer(vocab_size: int = 512):
 
     Special tokens "<unk>" (0), "<s>" (1, added in front of every encoding, as Llama does), "</s>" (2).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,34 +1,40 @@
-"""The comm paths of the tiled all-reduce, behind one interface.
+"""The comm paths of the tiled all-reduce and of every other collective of the block and the model, behind one
+interface (``CommPath``).
 
-Every path has ``world_size`` and ``rank`` (of the group it reduces over), and
+Per tile (the tiling-AllReduce pipeline):
 
-  ``prepare(out)``            where compute must write the partial sums (``out`` itself, or a
-                              symmetric buffer for the copy-engine path)
+  ``prepare(out, slot)``       where compute must write a sublayer's partial sums (``out`` itself, or a symmetric
+                               buffer for the copy-engine path; ``slot`` tells consecutive sublayers' buffers apart)
   ``start(piece, tile, rows)`` issue one tile's all-reduce after the compute that produced it
-  ``wait(handle)``            order the caller after that tile's all-reduce (the next sublayer's tile)
-  ``wait_all(handles)``       order the caller after all of them
+  ``wait(handle)``             order the caller after that tile's all-reduce (the next sublayer's tile)
+  ``wait_all(handles)``        order the caller after all of them
+
+Whole tensors (decode's all-reduces, the vocabulary-parallel embedding and LM head):
+
+  ``all_reduce(t)``            sum ``t`` over the group in place; the caller's later work sees the sum
+  ``all_gather(t)``            ``t`` of every rank, concatenated along the last dimension, in rank order
 
 Paths: ``ProcessGroupAllReduce`` (here: NCCL on GPUs, gloo on CPU, optionally paced by a simulated
-``LinkModel``), ``CopyEngineAllReduce`` (ce_allreduce.py), ``StandInAllReduce`` (standin.py, a
-modelled all-reduce for emulating one rank of a TP group on one GPU). ``make_comm`` builds one.
+``LinkModel``), ``NoComm`` (comm off: a rank's compute alone), ``CopyEngineAllReduce`` (copy_engine.py) and
+``StandInAllReduce`` (emulated_comm.py, a modelled all-reduce for emulating one rank of a TP group on one GPU).
+``comm_paths.make_comm`` builds the real ones by name; the real paths never import the stand-in.
 
-On CUDA a collective is issued from a dedicated high-priority comm stream that first waits for the
-stream that computed the tile (an event, no host sync). On CPU (gloo) the transfer runs on gloo's
-own thread while the caller computes the next tile: the simulated device's comm engine. With a
-``LinkModel`` each handle also carries a modelled completion time: the link is busy for
-``latency + bytes / bandwidth`` per transfer, transfers queue on it, and ``wait`` sleeps until the
-later of the real and the modelled completion.
+On CUDA a tile's collective is issued from a dedicated high-priority comm stream that first waits for the
+stream that computed the tile (an event, no host sync). On CPU (gloo) the transfer runs on gloo's own thread
+while the caller computes the next tile: the simulated device's comm engine. With a ``LinkModel`` each handle
+also carries a modelled completion time: the link is busy for ``latency + bytes / bandwidth`` per transfer,
+transfers queue on it, and ``wait`` sleeps until the later of the real and the modelled completion.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Optional
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-from ..config import LinkModel
+from .link_models import LinkModel, nvlink_model
 
 
 class CommHandle:
@@ -65,6 +71,25 @@ class CommHandle:
         return max(t for t in (self.done_time, self.modeled_end) if t is not None)
 
 
+class LinkQueue:
+    """One rank's simulated link: transfers run one after another, each ``link.allreduce_seconds`` long."""
+
+    def __init__(self, link: LinkModel, world_size: int) -> None:
+        self.link, self.world_size, self._free_at = link, world_size, 0.0
+
+    def book(self, h: "CommHandle", now: float) -> None:
+        """Put ``h``'s transfer on the link: when it starts (the link is free) and when it ends (modelled)."""
+        h.link_start = max(now, self._free_at)
+        h.modeled_end = h.link_start + self.link.allreduce_seconds(h.nbytes, self.world_size)
+        self._free_at = h.modeled_end
+
+    def transfer(self, nbytes: int) -> None:
+        """A whole-tensor collective: wait for the link, then for the transfer (a sleep)."""
+        h = CommHandle(-1, nbytes)
+        self.book(h, time.perf_counter())
+        h.wait()
+
+
 @contextlib.contextmanager
 def on_comm_stream(h: CommHandle, stream: "torch.cuda.Stream", device: torch.device, timing: bool):
     """The body runs on the comm stream, after the compute queued so far; timing events bracket it when asked
@@ -92,6 +117,36 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@runtime_checkable
+class CommPath(Protocol):
+    """What the block and the model need of a comm path (see the module docstring). ``model``: the path's time
+    model for the cost model (a ``GpuLinkModel`` for the stand-in), or None (the device profile's);
+    ``sm_fraction``: the share of SMs a collective holds while it runs."""
+
+    world_size: int
+    rank: int
+
+    @property
+    def sm_fraction(self) -> float: ...
+
+    @property
+    def model(self): ...
+
+    def enable_timing(self, on: bool = True) -> None: ...
+
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor: ...
+
+    def start(self, piece: torch.Tensor, tile: int, rows=None) -> "CommHandle": ...
+
+    def wait(self, handle: "CommHandle") -> None: ...
+
+    def wait_all(self, handles: Sequence["CommHandle"]) -> None: ...
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
 def group_world_rank(group=None) -> tuple:
     """(world size, rank) of ``group``, or (1, 0) without torch.distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -102,12 +157,14 @@ def group_world_rank(group=None) -> tuple:
 class ProcessGroupAllReduce:
     """Issues the tiles' all-reduces in order on one process group (and, on CUDA, one comm stream)."""
 
+    model = None  # the cost model uses the device profile's comm figures (and the link's, on CPU)
+
     def __init__(self, group=None, link: Optional[LinkModel] = None, device: Optional[torch.device] = None) -> None:
         self.group = group
         self.world_size, self.rank = group_world_rank(group)
         self.link = link if (link is not None and link.active) else None
         self.device = device if device is not None else torch.device("cpu")
-        self._link_free_at = 0.0
+        self._queue = LinkQueue(self.link, self.world_size) if self.link is not None else None
         self._stream = None
         if self.device.type == "cuda" and self.world_size > 1:
             self._stream = comm_stream(self.device)
@@ -119,14 +176,13 @@ class ProcessGroupAllReduce:
         assumed as the stand-in's default count; gloo runs on its own thread (0)."""
         if self._stream is None:
             return 0.0
-        from .standin import GpuLinkModel
-        return GpuLinkModel.for_world_size(max(2, self.world_size)).ctas / _sm_count(self.device)
+        return nvlink_model(self.world_size).ctas / _sm_count(self.device)
 
     def enable_timing(self, on: bool = True) -> None:
         """Record per-tile comm spans (CUDA events on the comm stream, or gloo completion callbacks)."""
         self._timing = on
 
-    def prepare(self, out: torch.Tensor) -> torch.Tensor:
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """Where compute writes the tiles' partial sums: ``out`` itself (the all-reduce is in place)."""
         return out
 
@@ -145,10 +201,8 @@ class ProcessGroupAllReduce:
         h.work = dist.all_reduce(tensor, group=self.group, async_op=True)
         if self._timing:
             h.work.get_future().add_done_callback(h._mark_done)
-        if self.link is not None:
-            h.link_start = max(now, self._link_free_at)
-            h.modeled_end = h.link_start + self.link.allreduce_seconds(h.nbytes, self.world_size)
-            self._link_free_at = h.modeled_end
+        if self._queue is not None:
+            self._queue.book(h, now)
         return h
 
     def wait(self, handle: CommHandle) -> None:
@@ -164,11 +218,29 @@ class ProcessGroupAllReduce:
         for h in handles:
             h.wait()
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """In place, ordered on the caller's stream (NCCL), or done when it returns (gloo; paced by the link)."""
+        if self.world_size > 1:
+            dist.all_reduce(t, group=self.group)
+            if self._queue is not None and self._stream is None:
+                self._queue.transfer(t.numel() * t.element_size())
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
 
 class NoComm:
-    """Comm off: each rank keeps its own partial sums. Times the compute of a TP rank alone (bench, tune)."""
+    """Comm off: each rank keeps its own partial sums. Times the compute of a TP rank alone (bench, tune, an
+    emulated model's compute). ``all_gather`` returns this rank's part ``world_size`` times (the shape a real
+    gather gives; the other ranks' values do not exist here)."""
 
     sm_fraction = 0.0
+    model = None
 
     def __init__(self, world_size: int = 1, rank: int = 0) -> None:
         self.world_size, self.rank = world_size, rank
@@ -176,7 +248,7 @@ class NoComm:
     def enable_timing(self, on: bool = True) -> None:
         pass
 
-    def prepare(self, out: torch.Tensor) -> torch.Tensor:
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
         return out
 
     def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
@@ -188,17 +260,8 @@ class NoComm:
     def wait_all(self, handles) -> None:
         pass
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
-COMM_PATHS = ("nccl", "copy_engine")
-
-
-def make_comm(path: str, group, device: torch.device, link: Optional[LinkModel] = None):
-    """The comm object for ``path``: "nccl" is the process group's own all-reduce (gloo on CPU ranks),
-    "copy_engine" the symmetric-memory path where it can run (one node of GPUs), else the process group's."""
-    if path not in COMM_PATHS:
-        raise ValueError(f"comm must be one of {COMM_PATHS} or a comm object, got {path!r}")
-    if path == "copy_engine":
-        from .ce_allreduce import CopyEngineAllReduce, copy_engine_available
-        if copy_engine_available(device, group):
-            return CopyEngineAllReduce(group, device)
-    return ProcessGroupAllReduce(group, link, device)
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.world_size == 1 else t.repeat(*([1] * (t.dim() - 1)), self.world_size)

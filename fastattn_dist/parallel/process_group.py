@@ -102,7 +102,7 @@ def _mpi_rank_world() -> tuple[int, int, int]:
 def _mpi_rendezvous(rank: int) -> tuple[str, int]:
     """Rank 0 picks its address and a free port; mpi4py broadcasts them to all ranks."""
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # the 'mpi' extra: only under mpirun
     except ImportError:
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if addr and port:
@@ -121,23 +121,8 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
 
 
-def init_distributed(backend: Optional[str] = None, *, rank: Optional[int] = None,
-                     world_size: Optional[int] = None, master_addr: Optional[str] = None,
-                     master_port: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     launcher: Optional[str] = None) -> DistContext:
-    """Initialise torch.distributed (once) and return this process's DistContext.
-
-    Rank and world come from the arguments if given, else from torchrun's variables, else from
-    MPI's (Open MPI, MPICH/PMI, MVAPICH) or Slurm's, in that order; a single process with none
-    of them runs as world size 1, unless ``launcher="env"``, which requires a launcher (ValueError).
-    ``backend`` defaults to NCCL when CUDA GPUs are visible, else gloo. ``timeout_s`` bounds every
-    collective and the rendezvous; a failed rendezvous raises ``RendezvousError``.
-    """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    backend = backend or default_backend()
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+def _who(rank, world_size, launcher, master_addr, master_port):
+    """(rank, world size, local rank, launcher, rendezvous address and port) from the arguments or the launcher."""
     if launcher == "env":
         launcher = require_launcher() if rank is None and world_size is None else None
     found = launcher or detect_launcher()
@@ -158,7 +143,28 @@ def init_distributed(backend: Optional[str] = None, *, rank: Optional[int] = Non
         master_addr, master_port = (master_addr, master_port) if master_addr and master_port else _mpi_rendezvous(rank)
     else:
         rank, world_size, found = 0, 1, "single"
+    return rank, world_size, local_rank, found, master_addr, master_port
 
+
+def init_distributed(backend: Optional[str] = None, *, rank: Optional[int] = None,
+                     world_size: Optional[int] = None, master_addr: Optional[str] = None,
+                     master_port: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     launcher: Optional[str] = None) -> DistContext:
+    """Initialise torch.distributed (once) and return this process's DistContext.
+
+    Rank and world come from the arguments if given, else from torchrun's variables, else from
+    MPI's (Open MPI, MPICH/PMI, MVAPICH) or Slurm's, in that order; a single process with none
+    of them runs as world size 1, unless ``launcher="env"``, which requires a launcher (ValueError).
+    ``backend`` defaults to NCCL when CUDA GPUs are visible, else gloo. ``timeout_s`` bounds every
+    collective and the rendezvous; a failed rendezvous raises ``RendezvousError``.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    backend = backend or default_backend()
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    rank, world_size, local_rank, found, master_addr, master_port = _who(rank, world_size, launcher, master_addr,
+                                                                         master_port)
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     master_port = master_port or env_int("MASTER_PORT")
     if master_port is None and world_size > 1:

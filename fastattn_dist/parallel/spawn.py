@@ -20,8 +20,10 @@ import sys
 import threading
 import time
 import traceback
+from multiprocessing import resource_tracker
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.multiprocessing as mp
 
 from .process_group import DEFAULT_TIMEOUT_S, free_port, init_distributed, shutdown
@@ -67,16 +69,12 @@ def _root_cause(errors: dict, order: list) -> int:
 
 def _pack(obj) -> bytes:
     # Plain bytes, not torch's shared-memory handles: those die with the rank that made them.
-    import torch
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
 def _unpack(data: bytes):
-    import torch
-
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
@@ -119,8 +117,6 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start
     _die_with_parent(parent_pid)
     _start_heartbeat(rank, beats, parent_pid)
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -192,6 +188,111 @@ def _reap(procs: list, wait_s: float, stuck: set) -> None:
             p.join(timeout=5)
 
 
+class _Supervisor:
+    """The parent's view of the ranks while they run: their results and errors as they arrive, their heartbeats,
+    the first failure and the grace period after it (module docstring)."""
+
+    def __init__(self, procs: list, beats, stall_s: float, deadline_s: Optional[float]) -> None:
+        self.procs, self.beats, self.stall_s, self.deadline_s = procs, beats, stall_s, deadline_s
+        self.inbox: queue_mod.Queue = queue_mod.Queue()
+        self.outputs: dict = {}
+        self.errors: dict = {}
+        self.stuck: set = set()
+        self.first_failed: Optional[int] = None
+        self.grace_end: Optional[float] = None
+
+    def fail(self, rank: int, payload) -> None:
+        self.errors[rank] = payload
+        if self.first_failed is None:
+            self.first_failed = rank
+            self.grace_end = time.monotonic() + _GRACE_S
+
+    def read(self, rank: int, conn) -> None:
+        """On a thread of its own: the rank's one message (its result or its error), or EOF if it died."""
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            msg = None  # the rank exited (or was killed) without a word
+        except Exception as e:  # an unreadable result
+            msg = ("error", (f"unreadable result: {type(e).__name__}: {e}", ""))
+        finally:
+            conn.close()
+        self.inbox.put((rank, msg))
+
+    def _receive(self) -> bool:
+        """Take one message if one comes within 0.2 s; whether one did."""
+        try:
+            rank, msg = self.inbox.get(timeout=0.2)
+        except queue_mod.Empty:
+            return False
+        if rank in self.errors:  # already judged (stuck): keep that verdict
+            return True
+        if msg is None:
+            self.procs[rank].join(timeout=1.0)
+            self.fail(rank, (f"{_describe_exit(self.procs[rank].exitcode)} {_DIED}", ""))
+        elif msg[0] == "ok":
+            self.outputs[rank] = _unpack(msg[1])
+        else:
+            self.fail(rank, msg[1])
+        return True
+
+    def _check_heartbeats(self, last_beat: list, last_change: list) -> None:
+        now = time.monotonic()
+        for r in range(len(self.procs)):
+            if r in self.outputs or r in self.errors:
+                continue
+            beat = self.beats[r]
+            if beat != last_beat[r]:
+                last_beat[r], last_change[r] = beat, now
+                continue
+            silent = now - last_change[r]
+            if silent > (self.stall_s if beat else max(self.stall_s, _STARTUP_S)) and self.procs[r].is_alive():
+                self.stuck.add(r)
+                self.fail(r, (f"stuck: its process is alive but sent no heartbeat for {silent:.0f} s "
+                              "(stopped, or its interpreter no longer runs?)", ""))
+
+    def watch(self) -> None:
+        """Until every rank reported, or the grace after a failure or the caller's deadline ran out."""
+        n = len(self.procs)
+        start = last_loop = time.monotonic()
+        end = None if self.deadline_s is None else start + self.deadline_s
+        last_beat, last_change = [0] * n, [start] * n
+        while len(self.outputs) + len(self.errors) < n:
+            now = time.monotonic()
+            if (self.grace_end is not None and now > self.grace_end) or (end is not None and now > end):
+                break
+            if now - last_loop > 2.0:
+                # We did not run for a while (Ctrl-Z, a suspended machine): neither did the ranks,
+                # most likely; do not count that time against their heartbeats.
+                last_change = [t + (now - last_loop) for t in last_change]
+            last_loop = now
+            if not self._receive():
+                self._check_heartbeats(last_beat, last_change)
+        missing = [r for r in range(n) if r not in self.outputs and r not in self.errors]
+        if missing and self.first_failed is None:  # only the caller's deadline ends a run nobody failed
+            for r in missing:
+                self.fail(r, (f"no result within the run's deadline_s={self.deadline_s:g} s", ""))
+        else:
+            for r in missing:
+                self.errors[r] = (_STILL_RUNNING, "")
+
+    def error(self) -> RankFailedError:
+        errors = self.errors
+        first = _root_cause(errors, order=[self.first_failed] + sorted(errors))
+        summary, tb = errors[first]
+        # the others' own errors; a peer's raw transport error after the first failure ("Connection reset by
+        # peer", a timeout) is its consequence, not news: the error names the rank that failed and nothing else
+        # (unless that rank was merely still running: then the others' timeouts say why it was blamed)
+        others = "; ".join(f"rank {r}: {errors[r][0]}" for r in sorted(errors)
+                           if r != first and (_STILL_RUNNING in summary or not _is_secondary(errors[r][0])))
+        msg = f"rank {first} of {len(self.procs)} failed: {summary}"
+        if others:
+            msg += f"\n  then: {others}"
+        if tb:
+            msg += f"\n--- traceback of rank {first} ---\n{tb}"
+        return RankFailedError(msg, first, errors)
+
+
 def spawn_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), *, backend: str = "gloo",
                 timeout_s: float = DEFAULT_TIMEOUT_S, deadline_s: Optional[float] = None,
                 stall_s: Optional[float] = None, threads_per_rank: Optional[int] = None) -> list:
@@ -214,118 +315,35 @@ def spawn_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), *, back
     ctx = mp.get_context("spawn")
     beats = ctx.RawArray("Q", world_size)  # each rank ticks its own slot
     port = free_port()
-    inbox: queue_mod.Queue = queue_mod.Queue()
-    procs, readers = [], []
+    procs, pipes = [], []
     for r in range(world_size):
         # One pipe per rank: EOF tells the parent the rank is gone, and a rank dying mid-message
         # cannot block the others' results (as it could on a shared queue).
         recv, send = ctx.Pipe(duplex=False)
         procs.append(ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout_s, threads_per_rank,
                                                        fn, tuple(args), send, beats, os.getpid()), daemon=False))
-        readers.append((recv, send))
-    outputs: dict = {}
-    errors: dict = {}
-    stuck: set = set()
-    first_failed: Optional[int] = None
-    grace_end: Optional[float] = None
+        pipes.append((recv, send))
+    sup = _Supervisor(procs, beats, stall_s, deadline_s)
     wait_s = 0.5  # how long ranks may take to exit by themselves before they are terminated
-
-    def fail(rank: int, payload) -> None:
-        nonlocal first_failed, grace_end
-        errors[rank] = payload
-        if first_failed is None:
-            first_failed = rank
-            grace_end = time.monotonic() + _GRACE_S
-
-    def read(rank: int, conn) -> None:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            msg = None  # the rank exited (or was killed) without a word
-        except Exception as e:  # an unreadable result
-            msg = ("error", (f"unreadable result: {type(e).__name__}: {e}", ""))
-        finally:
-            conn.close()
-        inbox.put((rank, msg))
-
     try:
         if hasattr(signal, "pthread_sigmask"):
             # Start multiprocessing's resource tracker now: starting it (inside the first p.start())
             # unblocks SIGINT in this thread, undoing _sigint_blocked for the rank started with it.
-            from multiprocessing import resource_tracker
             resource_tracker.ensure_running()
         for r, p in enumerate(procs):
             with _sigint_blocked():
                 p.start()
-            readers[r][1].close()  # the rank holds the only write end now: its exit means EOF
-            threading.Thread(target=read, args=(r, readers[r][0]), name=f"fastattn-rank{r}-result",
+            pipes[r][1].close()  # the rank holds the only write end now: its exit means EOF
+            threading.Thread(target=sup.read, args=(r, pipes[r][0]), name=f"fastattn-rank{r}-result",
                              daemon=True).start()
-        start = last_loop = time.monotonic()
-        end = None if deadline_s is None else start + deadline_s
-        last_beat = [0] * world_size
-        last_change = [start] * world_size
-        while len(outputs) + len(errors) < world_size:
-            now = time.monotonic()
-            if (grace_end is not None and now > grace_end) or (end is not None and now > end):
-                break
-            if now - last_loop > 2.0:
-                # We did not run for a while (Ctrl-Z, a suspended machine): neither did the ranks,
-                # most likely; do not count that time against their heartbeats.
-                last_change = [t + (now - last_loop) for t in last_change]
-            last_loop = now
-            try:
-                rank, msg = inbox.get(timeout=0.2)
-                if rank in errors:  # already judged (stuck): keep that verdict
-                    continue
-                if msg is None:
-                    procs[rank].join(timeout=1.0)
-                    fail(rank, (f"{_describe_exit(procs[rank].exitcode)} {_DIED}", ""))
-                elif msg[0] == "ok":
-                    outputs[rank] = _unpack(msg[1])
-                else:
-                    fail(rank, msg[1])
-                continue
-            except queue_mod.Empty:
-                pass
-            now = time.monotonic()
-            for r in range(world_size):
-                if r in outputs or r in errors:
-                    continue
-                beat = beats[r]
-                if beat != last_beat[r]:
-                    last_beat[r], last_change[r] = beat, now
-                    continue
-                silent = now - last_change[r]
-                if silent > (stall_s if beat else max(stall_s, _STARTUP_S)) and procs[r].is_alive():
-                    stuck.add(r)
-                    fail(r, (f"stuck: its process is alive but sent no heartbeat for {silent:.0f} s "
-                             "(stopped, or its interpreter no longer runs?)", ""))
-        missing = [r for r in range(world_size) if r not in outputs and r not in errors]
-        if missing and first_failed is None:  # only the caller's deadline ends a run nobody failed
-            for r in missing:
-                fail(r, (f"no result within the run's deadline_s={deadline_s:g} s", ""))
-        else:
-            for r in missing:
-                errors[r] = (_STILL_RUNNING, "")
-        if not errors:
+        sup.watch()
+        if not sup.errors:
             wait_s = 10.0  # all reported: they are tearing down their process groups
     except KeyboardInterrupt:
         wait_s = 0.0  # ranks ignore SIGINT: stop them now, then let the caller see the interrupt
         raise
     finally:
-        _reap(procs, wait_s, stuck)  # the readers then see EOF and end
-    if errors:
-        first_failed = _root_cause(errors, order=[first_failed] + sorted(errors))
-        summary, tb = errors[first_failed]
-        # the others' own errors; a peer's raw transport error after the first failure ("Connection reset by
-        # peer", a timeout) is its consequence, not news: the error names the rank that failed and nothing else
-        # (unless that rank was merely still running: then the others' timeouts say why it was blamed)
-        others = "; ".join(f"rank {r}: {errors[r][0]}" for r in sorted(errors)
-                           if r != first_failed and (_STILL_RUNNING in summary or not _is_secondary(errors[r][0])))
-        msg = f"rank {first_failed} of {world_size} failed: {summary}"
-        if others:
-            msg += f"\n  then: {others}"
-        if tb:
-            msg += f"\n--- traceback of rank {first_failed} ---\n{tb}"
-        raise RankFailedError(msg, first_failed, errors)
-    return [outputs[r] for r in range(world_size)]
+        _reap(procs, wait_s, sup.stuck)  # the readers then see EOF and end
+    if sup.errors:
+        raise sup.error()
+    return [sup.outputs[r] for r in range(world_size)]

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
+from ..files import check_writable_dir
 from .gather import Profile
 from .metrics import subtract
-from .recorder import BLOCK, COMM, COMPUTE, Span
+from ..recorder import BLOCK, COMM, COMPUTE, Span
 
 # pid/tid 0 mean "idle/kernel" to some viewers: ours start at 1.
 TRACKS = ((BLOCK, 1, "block"), (COMPUTE, 2, "compute"), (COMM, 3, "comm (all-reduce)"), ("exposed", 4, "exposed comm"))
@@ -85,14 +85,7 @@ def chrome_trace(profile: Profile, runs: Optional[Sequence[str]] = None, other: 
 # -- files -------------------------------------------------------------------------------------------
 def check_writable(out_dir: str) -> str:
     """Create ``out_dir`` if needed and prove a file can be written there; a clear ValueError if not."""
-    path = os.path.abspath(out_dir)
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out_dir!r} is not a writable directory: {e.strerror or e}") from None
-    return path
+    return check_writable_dir(out_dir, "--out")
 
 
 def write_outputs(out_dir: str, files: Dict[str, bytes]) -> List[str]:

@@ -22,7 +22,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .recorder import Span
+from ..recorder import Span
+from .metrics import validate
 
 ROUNDS = 16
 
@@ -134,7 +135,5 @@ def gather_profile(spans: List[Span], clock: Optional[ClockOffset] = None, meta:
         all_spans.extend(align([Span.from_dict(d) for d in part["spans"]], c))
     prof = Profile(world, all_spans, clocks, backend, dict(meta or {}))
     if check:
-        from .metrics import validate
-
         validate(prof.spans, world)
     return prof

@@ -22,7 +22,7 @@ import statistics
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .recorder import BLOCK, COMM, COMPUTE, Span
+from ..recorder import BLOCK, COMM, COMPUTE, Span
 
 Interval = Tuple[float, float]
 

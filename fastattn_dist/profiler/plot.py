@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from .gather import Profile
 from .metrics import subtract
-from .recorder import BLOCK, COMM, COMPUTE
+from ..recorder import BLOCK, COMM, COMPUTE
 
 COLORS = {"qkv": "#9a9a9a", "embed": "#9a9a9a", "attention": ("#3f6fb5", "#7fa3d9"), "o_proj": "#e08a3c",
           "mlp": ("#7b5aa6", "#a98fcb"), "down_proj": "#c9a227",
@@ -28,12 +28,43 @@ def _unit(span_us: float):
     return (1e-3, "ms") if span_us >= 2000 else (1.0, "us")
 
 
+def _draw_rank(ax, mine, base: float, x, scale: float, xmax: float) -> None:
+    """One rank's two lanes: compute spans (coloured by kind, labelled by tile) and comm spans (exposed parts
+    hatched red), over the block window (gaps in it are bubbles)."""
+    y_comm, y_comp = base, base + LANE_H + 0.2
+    for s in mine:
+        if s.lane == BLOCK:
+            ax.broken_barh([(x(s.start_us), s.dur_us * scale)], (base - 0.1, 2 * LANE_H + 0.4),
+                           facecolors=COLORS["block"], edgecolors="#c8c8c8", linewidth=0.6, zorder=0)
+    compute = [(s.start_us, s.end_us) for s in mine if s.lane == COMPUTE]
+    for s in mine:
+        w = s.dur_us * scale
+        if s.lane == COMPUTE:
+            c = COLORS.get(s.name, "#777777")
+            if isinstance(c, tuple):
+                c = c[s.tile % 2] if s.tile >= 0 else c[0]
+            ax.broken_barh([(x(s.start_us), w)], (y_comp, LANE_H), facecolors=c, edgecolors="white", linewidth=0.4,
+                           zorder=2)
+            if s.name in TILED and s.tile >= 0 and w > xmax * 0.018:
+                ax.text(x(s.start_us) + w / 2, y_comp + LANE_H / 2, f"t{s.tile}", ha="center", va="center",
+                        fontsize=7, color="white", zorder=4)
+        elif s.lane == COMM:
+            ax.broken_barh([(x(s.start_us), w)], (y_comm, LANE_H), facecolors=COLORS["hidden"], edgecolors="white",
+                           linewidth=0.4, zorder=2)
+            for a, b in subtract([(s.start_us, s.end_us)], compute):
+                ax.broken_barh([(x(a), (b - a) * scale)], (y_comm, LANE_H), facecolors=COLORS["exposed"],
+                               edgecolors="#7a1f1c", hatch="///", linewidth=0.4, zorder=3)
+            if w > xmax * 0.018:
+                ax.text(x(s.start_us) + w / 2, y_comm + LANE_H / 2, f"t{s.tile}", ha="center", va="center",
+                        fontsize=7, color="white", zorder=4)
+
+
 def timeline_png(profile: Profile, metrics: dict, runs: Optional[Sequence[str]] = None, title: str = "",
                  dpi: int = 110) -> bytes:
     """PNG bytes of the timeline of ``runs`` (default all, in recorded order), side by side."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the 'plot' extra: only the PNG needs it
+    from matplotlib.figure import Figure  # (the same)
+    from matplotlib.patches import Patch  # (the same)
 
     runs = list(runs) if runs is not None else profile.runs()
     world = profile.world_size
@@ -55,35 +86,8 @@ def timeline_png(profile: Profile, metrics: dict, runs: Optional[Sequence[str]] 
         yt, yl = [], []
         for rank in range(world):
             base = (world - 1 - rank) * pitch
-            y_comm, y_comp = base, base + LANE_H + 0.2
-            mine = [s for s in ss if s.rank == rank]
-            x = lambda t: (t - origin) * scale
-            for s in mine:
-                if s.lane == BLOCK:  # the block window behind both lanes: gaps in it are bubbles
-                    ax.broken_barh([(x(s.start_us), s.dur_us * scale)], (base - 0.1, 2 * LANE_H + 0.4),
-                                   facecolors=COLORS["block"], edgecolors="#c8c8c8", linewidth=0.6, zorder=0)
-            compute = [(s.start_us, s.end_us) for s in mine if s.lane == COMPUTE]
-            for s in mine:
-                w = s.dur_us * scale
-                if s.lane == COMPUTE:
-                    c = COLORS.get(s.name, "#777777")
-                    if isinstance(c, tuple):
-                        c = c[s.tile % 2] if s.tile >= 0 else c[0]
-                    ax.broken_barh([(x(s.start_us), w)], (y_comp, LANE_H), facecolors=c, edgecolors="white",
-                                   linewidth=0.4, zorder=2)
-                    if s.name in TILED and s.tile >= 0 and w > xmax * 0.018:
-                        ax.text(x(s.start_us) + w / 2, y_comp + LANE_H / 2, f"t{s.tile}", ha="center",
-                                va="center", fontsize=7, color="white", zorder=4)
-                elif s.lane == COMM:
-                    ax.broken_barh([(x(s.start_us), w)], (y_comm, LANE_H), facecolors=COLORS["hidden"],
-                                   edgecolors="white", linewidth=0.4, zorder=2)
-                    for a, b in subtract([(s.start_us, s.end_us)], compute):
-                        ax.broken_barh([(x(a), (b - a) * scale)], (y_comm, LANE_H), facecolors=COLORS["exposed"],
-                                       edgecolors="#7a1f1c", hatch="///", linewidth=0.4, zorder=3)
-                    if w > xmax * 0.018:
-                        ax.text(x(s.start_us) + w / 2, y_comm + LANE_H / 2, f"t{s.tile}", ha="center",
-                                va="center", fontsize=7, color="white", zorder=4)
-            yt += [y_comp + LANE_H / 2, y_comm + LANE_H / 2]
+            _draw_rank(ax, [s for s in ss if s.rank == rank], base, lambda t: (t - origin) * scale, scale, xmax)
+            yt += [base + LANE_H + 0.2 + LANE_H / 2, base + LANE_H / 2]
             yl += [f"rank {rank}  compute", f"rank {rank}  comm"]
         ax.set_yticks(yt)
         ax.set_yticklabels(yl, fontsize=8)

@@ -1,16 +1,16 @@
-"""``fastattn-dist profile``'s output: the files (trace.json, timeline.png, metrics.json) and the printed report.
+"""A profile's files (trace.json, timeline.png, metrics.json), rendered from a gathered profile.
 
 The files are rendered in memory from validated metrics and only then written (temporary names, then
 renamed), so a failed run leaves no half-written or stale-looking set behind.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Tuple
 
 from .export import chrome_trace, dumps
 from .gather import Profile
-from .metrics import compute_metrics, format_runs, format_tiles
+from .metrics import compute_metrics
+from .plot import timeline_png
 
 
 def title_for(prof: Profile, metrics: dict) -> str:
@@ -44,8 +44,6 @@ def render(prof: Profile, compare: bool, config: dict) -> Tuple[Dict[str, bytes]
     shown: List[str] = [r for r in prof.runs() if compare or r == "tiled"] or prof.runs()
     title = title_for(prof, metrics)
     try:
-        from .plot import timeline_png
-
         png, png_note = timeline_png(prof, metrics, shown, title), "timeline.png"
     except ImportError as e:
         png, png_note = None, f"not written: matplotlib is not importable ({e}); pip install matplotlib"
@@ -57,31 +55,3 @@ def render(prof: Profile, compare: bool, config: dict) -> Tuple[Dict[str, bytes]
     if png is not None:
         files["timeline.png"] = png
     return files, summary
-
-
-def print_report(prof: Profile, summary: dict, files: Dict[str, bytes], paths: List[str], describe: str,
-                 tiles, repeats: int, torch_trace: bool, out: str) -> None:
-    print(f"fastattn-dist profile: {prof.world_size} ranks ({prof.backend}, {prof.meta.get('device')}), "
-          f"attention backend {prof.meta.get('attention_backend')}")
-    print(f"  {describe}")
-    print(f"  tile plan ({tiles}): {prof.meta.get('num_tiles')} tiles over rows {prof.meta.get('plan')}")
-    for c in prof.clocks[1:]:
-        print(f"  clock of rank {c.rank} vs rank 0: {c.offset_us:+.1f} us (error <= {c.error_us:.1f} us)")
-    print()
-    print(format_runs(summary))
-    tiled = summary["runs"].get("tiled")
-    if tiled is not None:
-        print()
-        print(f"tiled, per tile (iteration {tiled['step']}, the median; mean over ranks):")
-        print(format_tiles(tiled))
-    print()
-    if "speedup" in summary:
-        print(f"speedup {summary['speedup']:.2f}x (sequential / tiled block time, median of {repeats} "
-              f"recorded iterations)")
-    elif "note" in summary:
-        print(summary["note"])
-    print("wrote " + ", ".join(paths))
-    if "timeline.png" not in files:
-        print(f"timeline.png {summary['timeline_png']}")
-    if torch_trace:
-        print(f"torch.profiler traces: {os.path.join(out, 'torch_trace_rank<N>.json')}")

@@ -19,7 +19,8 @@ def _graph_ms(fn, repeats=15):
 @pytest.mark.parametrize("path", ["nccl", "copy_engine"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_standin_lasts_its_modelled_time(tp, path):
-    from fastattn_dist.parallel.standin import GpuLinkModel, StandInAllReduce
+    from fastattn_dist.parallel.emulated_comm import StandInAllReduce
+    from fastattn_dist.parallel.link_models import GpuLinkModel
 
     comm = StandInAllReduce(tp, GpuLinkModel.for_world_size(tp, path=path))
     for mb in (8, 32, 128):
@@ -36,7 +37,8 @@ def test_emulated_tiles_equal_the_sequential_block(tp):
     from conftest import REL_TOL, rel_err
     from fastattn_dist import TPAttention
     from fastattn_dist.parallel.comm import NoComm
-    from fastattn_dist.parallel.standin import GpuLinkModel, StandInAllReduce
+    from fastattn_dist.parallel.emulated_comm import StandInAllReduce
+    from fastattn_dist.parallel.link_models import GpuLinkModel
     from fastattn_dist.reference_block import reference_block
     from rank_jobs import make_input, make_weights
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn_dist.config import LinkModel
+from fastattn_dist.parallel.link_models import LinkModel
 
 
 def model_outputs(rank, world, path, prompts, lengths, steps, tile_counts, link):

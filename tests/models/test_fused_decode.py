@@ -18,7 +18,8 @@ for mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton
         importlib.reload(sys.modules[mod])
 
 from fastattn_dist.models import triton_fused as tf  # noqa: E402
-from fastattn_dist.models.llama import LlamaForCausalLM, rms_norm  # noqa: E402
+from fastattn_dist.models.llama import LlamaForCausalLM
+from fastattn_dist.models.layers import rms_norm  # noqa: E402
 from fastattn_dist.models.tiny import tiny_checkpoint  # noqa: E402
 from fastattn_dist.rope import Rotary  # noqa: E402
 
@@ -69,13 +70,16 @@ def test_fused_decode_steps_equal_the_torch_path():
     ids = torch.tensor([[1, 40, 77, 13, 99, 7, 300], [1, 5, 9, 0, 0, 0, 0]])
     lengths = [7, 3]
     runs = []
-    for fused in (False, True):
+    from fastattn_dist.models.decode import FusedDecode, OneTierDecode
+
+    for strategy in (OneTierDecode, FusedDecode):
         m = LlamaForCausalLM.from_pretrained(path)
         m.reset_cache(2, 32)
         tok = m.prefill(ids, lengths).argmax(-1)
         logits = []
+        step = strategy(m)
         for _ in range(10):
-            out = m._decode_step_fused(tok) if fused else m.decode_step(tok)
+            out = step(tok)
             logits.append(out)
             tok = out.argmax(-1)
         runs.append((torch.stack(logits), m.cache))

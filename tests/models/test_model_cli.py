@@ -132,7 +132,7 @@ def test_generate_streams_one_prompt_and_prints_a_batch_at_the_end(tiny):
 
 def test_token_stream_holds_back_split_characters(capsys):
     """A character whose bytes span tokens decodes as U+FFFD until its last byte: never printed half."""
-    from fastattn_dist.models.commands import TokenStream
+    from fastattn_dist.cli.generate import TokenStream
 
     class Tok:  # decodes ids as bytes: 0xC3 0xA9 is "é"
         def decode(self, ids, skip_special_tokens=True):
@@ -152,7 +152,7 @@ def test_transformers_decode_rate_times_its_decode_steps_only():
     """The rate is steps over the time of the single-token forwards: the prefill is outside the timed region, so no
     rate can include it or be negative (it once was: two end-to-end timings subtracted on a busy machine)."""
     from types import SimpleNamespace
-    from fastattn_dist.models.commands import hf_decode_tokens_per_s
+    from fastattn_dist.models.bench_model import hf_decode_tokens_per_s
 
     calls = []
 

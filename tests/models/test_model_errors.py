@@ -64,11 +64,19 @@ def test_forward_scratch_is_one_layer_shared_and_reused(tiny):
         assert torch.allclose(m(ids, last_only=True), m.prefill(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_the_copy_engine_path_is_refused_for_the_model(tiny):
+def test_the_copy_engine_path_runs_the_model_where_it_can_and_falls_back_where_not(tiny):
+    """The model takes comm="copy_engine" (its sublayers alternate between two symmetric buffers); without GPUs
+    the path is the process group's own all-reduce."""
+    import torch
     from fastattn_dist import LlamaForCausalLM
+    from fastattn_dist.parallel.comm import ProcessGroupAllReduce
 
-    with pytest.raises(ValueError, match="comm='nccl'"):
-        LlamaForCausalLM.from_pretrained(tiny, comm="copy_engine")
+    m = LlamaForCausalLM.from_pretrained(tiny, comm="copy_engine")
+    assert isinstance(m.comm, ProcessGroupAllReduce)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(m(ids, tiles=2), LlamaForCausalLM.from_pretrained(tiny)(ids, tiles=2))
+    with pytest.raises(ValueError, match="comm must be one of"):
+        LlamaForCausalLM.from_pretrained(tiny, comm="nvshmem")
 
 
 def test_a_model_without_weights_refuses_to_compute(tiny):

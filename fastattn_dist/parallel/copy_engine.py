@@ -15,6 +15,12 @@ can address, and per tile, on the comm stream:
 Each chunk is summed by one rank only, so every rank ends with the same bits. A last barrier at
 the end of the block keeps a rank from overwriting its buffer while a peer still reads it. All
 barriers carry a timeout, so a dead peer turns into an error, not a hang.
+
+A model's prefill chains sublayers without that end barrier: consecutive sublayers write alternate buffers
+(``prepare(out, slot)``, slot = sublayer index mod 2). Sublayer k + 2 rewrites sublayer k's rows of tile i only
+after this rank finished sublayer k + 1's all-reduce of tile i, whose first barrier every peer passes only
+after its own comm stream finished pulling sublayer k's tile i: so no peer still reads them.
+Whole-tensor collectives (decode, the embedding, the LM head) go through the process group.
 """
 from __future__ import annotations
 
@@ -49,9 +55,11 @@ class CopyEngineAllReduce:
     """The comm interface of comm.py (prepare / start / wait / wait_all) over symmetric memory."""
 
     sm_fraction = 0.0  # copies run on copy engines; the barrier and sum kernels are a few small blocks
+    model = None
+    SLOTS = 2
 
     def __init__(self, group=None, device: torch.device = None) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
+        import torch.distributed._symmetric_memory as symm_mem  # private, CUDA-only: loaded where it runs
 
         self._symm_mem = symm_mem
         self.group = group if group is not None else dist.group.WORLD
@@ -65,8 +73,8 @@ class CopyEngineAllReduce:
     def enable_timing(self, on: bool = True) -> None:
         self._timing = on
 
-    def _buffers(self, rows: int, cols: int, dtype: torch.dtype):
-        key = (rows, cols, dtype)
+    def _buffers(self, rows: int, cols: int, dtype: torch.dtype, slot: int):
+        key = (rows, cols, dtype, slot % self.SLOTS)
         if key not in self._sets:  # collective: every rank sees the same shapes in the same order
             enable = getattr(self._symm_mem, "enable_symm_mem_for_group", None)
             if enable is not None:
@@ -80,29 +88,30 @@ class CopyEngineAllReduce:
         self._buf, self._handle, self._peers, self._staging = self._sets[key]
         return self._buf
 
-    def prepare(self, out: torch.Tensor) -> torch.Tensor:
-        """Where compute writes the partial sums: this rank's symmetric buffer (``out`` gets the result)."""
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Where compute writes the partial sums: this rank's symmetric buffer of ``slot`` (``out`` gets the
+        result)."""
         self._out = out
-        return self._buffers(out.shape[0], out.shape[1], out.dtype)
+        return self._buffers(out.shape[0], out.shape[1], out.dtype, slot)
 
     def start(self, piece: torch.Tensor, tile: int, rows: Tuple[int, int]) -> CommHandle:
         h = CommHandle(tile, piece.numel() * piece.element_size())
         r0, r1 = rows
         chunks = chunk_bounds(r0, r1, self.world_size)
         c0, c1 = chunks[self.rank]
-        out, bar = self._out, self._handle.barrier
+        out, bar, buf, peers, staging_all = self._out, self._handle.barrier, self._buf, self._peers, self._staging
         with on_comm_stream(h, self._stream, self.device, getattr(self, "_timing", False)):
             bar(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
             if c1 > c0:
-                staging = self._staging[:, : c1 - c0]
+                staging = staging_all[:, : c1 - c0]
                 for p in range(self.world_size):
-                    staging[p].copy_(self._peers[p][c0:c1], non_blocking=True)
+                    staging[p].copy_(peers[p][c0:c1], non_blocking=True)
                 torch.sum(staging, dim=0, out=out[c0:c1])
-                self._buf[c0:c1].copy_(out[c0:c1], non_blocking=True)
+                buf[c0:c1].copy_(out[c0:c1], non_blocking=True)
             bar(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
             for p, (p0, p1) in enumerate(chunks):
                 if p != self.rank and p1 > p0:
-                    out[p0:p1].copy_(self._peers[p][p0:p1], non_blocking=True)
+                    out[p0:p1].copy_(peers[p][p0:p1], non_blocking=True)
         return h
 
     def wait(self, handle: CommHandle) -> None:
@@ -114,3 +123,12 @@ class CopyEngineAllReduce:
             self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         self._out.record_stream(self._stream)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)

@@ -1,4 +1,5 @@
-"""The main job: one TP attention block, run sequentially and with tiling-AllReduce, checked and timed.
+"""``fastattn-dist demo``, the main job: one TP attention block, run sequentially and with tiling-AllReduce,
+checked and timed.
 
 ``run_rank`` is what every rank executes (spawned locally, or under torchrun / mpirun); rank 0's
 return value carries the summary. Exposed comm is the profiler's: all-reduce time on a rank not
@@ -7,18 +8,21 @@ covered by that rank's compute (profiler/metrics.py), from one recorded call per
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import sys
 import time
 from dataclasses import asdict
 
 import torch
+from tqdm import tqdm
 
-from .profiler.metrics import format_table as table, rank_step_metrics
-from .profiler.recorder import SpanRecorder
-from .reference_block import reference_block
-from .runner import max_over_ranks, time_ms
-from .workload import BlockConfig, start_rank
+from ..profiler.metrics import format_table as table, rank_step_metrics
+from ..recorder import SpanRecorder
+from ..reference_block import reference_block
+from ..runner import max_over_ranks, run_job, time_ms
+from .block_job import BlockConfig, start_rank
+from .options import add_link_options, add_rank_options, add_shape_options, add_timing_options, launch_from_args
 
 
 def recorded_call(block, x, mask, tiles) -> dict:
@@ -90,8 +94,6 @@ def reference_progress(rows: int, enabled: bool):
     if not enabled:
         yield None
         return
-    from tqdm import tqdm
-
     with tqdm(total=rows, desc="[demo] float64 reference", unit="rows", file=sys.stderr, delay=2.0,
               mininterval=1.0, leave=False) as bar:
         yield bar.update
@@ -106,3 +108,45 @@ def format_table(s: dict) -> str:
         rows.append((name, str(tiles), f"{s[name + '_ms']:.2f}", f"{spread['min_ms']:.2f}-{spread['max_ms']:.2f}",
                      f"{s[name + '_exposed_comm_ms']:.2f}", speed, "-" if err is None else f"{err:.2e}"))
     return table(rows)
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("demo", help="run the TP block sequentially and tiled, check and time both")
+    add_rank_options(d)
+    add_shape_options(d)
+    add_link_options(d)
+    add_timing_options(d)
+    d.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of the table")
+    d.add_argument("--no-check", action="store_true", help="skip the float64 reference check")
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    launch = launch_from_args(args)
+    cfg = BlockConfig.from_args(args, launch)
+    summary = run_job(run_rank, launch, (cfg,), check_world=cfg.check_shape, label="demo")
+    if summary is None:  # not rank 0 under a launcher
+        return 0
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+        return 0
+    print(f"fastattn-dist demo: {summary['world_size']} ranks ({summary['backend']}, {summary['device']}), "
+          f"attention backend {summary['attention_backend']}")
+    print(f"  {cfg.describe()}")
+    print(f"  tile plan ({cfg.tiles}): {summary['num_tiles']} tiles over rows {summary['plan']}")
+    print()
+    print(format_table(summary))
+    print()
+    err = summary.get("max_rel_err")
+    check = "not checked (--no-check)" if err is None else f"max rel err vs float64 reference {err:.2e}"
+    if summary["world_size"] == 1:
+        print("note: one rank: there is no comm to hide, so 'tiled' only shows what tiles cost")
+    elif summary["auto_chose_one_tile"]:
+        print("note: tiles=auto chose one tile (the cost model predicts no gain worth tiling for at this shape), so "
+              "'tiled' is the sequential block: no speedup to show")
+    elif summary["num_tiles"] == 1:
+        print("note: the plan has one tile, so 'tiled' is the sequential block: no speedup to show")
+    if summary["speedup"] is not None:
+        print(f"speedup {summary['speedup']:.2f}x; ", end="")
+    print(f"tiled vs sequential max |diff| {summary['tiled_vs_sequential_max_abs']:.2e}; {check}")
+    return 0

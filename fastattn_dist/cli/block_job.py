@@ -1,4 +1,4 @@
-"""The block workload the demo, the profiler and tune run: its configuration and its inputs.
+"""The block workload ``demo`` and ``profile`` run: its configuration and its inputs.
 
 ``BlockConfig.validate`` catches every bad value before a rank starts (the CLI's one-line errors);
 ``make_inputs`` builds the same full weights and input on every rank from a fixed seed, so each rank
@@ -14,23 +14,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .attention import available
-from .block import TPAttention, check_tiles
-from .config import LinkModel
-from .masks import Mask, resolve_mask
-from .parallel.sharding import TPShape
-from .parallel.tiling_allreduce import TilePlan
-from .runner import job_device
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(sorted(set(DTYPES)))}")
-    return DTYPES[name]
-
+from ..attention import available
+from ..block import TPAttention, check_tiles
+from ..masks import Mask, resolve_mask
+from ..parallel.link_models import LinkModel
+from ..parallel.sharding import TPShape
+from ..parallel.tile_plan import TilePlan
+from ..runner import Launch, job_device, launch_world_size
+from .options import parse_dtype
 
 @dataclass
 class BlockConfig:
@@ -56,6 +47,19 @@ class BlockConfig:
     check_inputs: bool = True
     verbose: bool = True
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args, launch: Launch) -> "BlockConfig":
+        """The config of ``demo``/``profile``'s options, every value checked (the launcher's world size too)."""
+        cfg = cls(world_size=launch_world_size(launch), batch=args.batch, seq=args.seq, hidden=args.hidden,
+                  heads=args.heads, kv_heads=args.kv_heads, tiles=args.tiles, mask=args.mask, dtype=args.dtype,
+                  attn_backend=args.attn_backend, link_latency_us=0.0 if args.no_link else args.link_latency_us,
+                  link_gbps=None if args.no_link else args.link_gbps,
+                  rope_theta=None if args.no_rope else 10000.0, warmup=args.warmup, repeats=args.repeats,
+                  seed=args.seed, check=not getattr(args, "no_check", False),
+                  verbose=not getattr(args, "json", False))
+        cfg.validate(launch.device_type())
+        return cfg
 
     def validate(self, device_type: str = "cpu") -> None:
         """Every value, as the ranks would check it, so a bad one fails once, before any rank starts."""

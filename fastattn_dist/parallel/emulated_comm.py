@@ -16,85 +16,26 @@ and holds what the real path holds:
   so the copy engines work in parallel, beside a one-warp timer kernel that ends when the modelled
   time has passed.
 
-It is a model, not a measurement: the latency and bandwidth defaults are least-squares fits to
-NCCL all-reduces of 16-512 MB measured on H200 NVLink nodes (TP=2 and TP=4, 2026-11-22; TP=8 was
-not measured and reuses the TP=4 fit); docs/gpu_emulation.md says how, and a multi-GPU run replaces
-them by measurement. The data is not reduced: an emulated rank keeps its own partial sums.
+It is a model, not a measurement: the time model is ``link_models.GpuLinkModel`` (fits to NCCL all-reduces
+of 16-512 MB measured on H200 NVLink nodes, a small-message latency from public figures below 256 KiB);
+docs/gpu_emulation.md says how, and a multi-GPU run replaces them by measurement. The data is not reduced: an
+emulated rank keeps its own partial sums, and ``all_gather`` returns its own part once per rank.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+import time
 from typing import Optional
 
 import torch
 
-from .comm import CommHandle, comm_stream, on_comm_stream
+from .comm import CommHandle, LinkQueue, comm_stream, on_comm_stream
+from .link_models import GpuLinkModel, LinkModel
 
-# Least-squares fits of t = latency + bus_bytes / bandwidth to the all-reduce times of [S, hidden]
-# bf16 outputs (S = 2K..32K, hidden 4096/8192) measured with NCCL on H200 x2 / x4 over NVLink.
-# The intercept is larger than NCCL's small-message latency: it also holds the bandwidth ramp of
-# messages in this size range, the range a tile's all-reduce falls in.
-MEASURED_FITS = {2: (78.0, 310.0), 4: (131.0, 347.0)}
-PATHS = ("nccl", "copy_engine")
 CE_STREAMS = 4  # copy streams of the copy-engine stand-in
 # Local device-to-device copies ran at 170-213 GB/s on an H100 (2026-11-25), slower than the modelled links
 # for large tiles: the copy-engine stand-in copies at most what 100 GB/s moves in the modelled time, so its
 # length stays the model's (its copies stand for the memory traffic, not the timing).
 CE_COPY_BYTES_S = 100e9
-
-
-@dataclass(frozen=True)
-class GpuLinkModel:
-    """How long a modelled all-reduce takes and what it holds while it runs (see the module docstring)."""
-
-    latency_us: float
-    bus_gbps: float
-    path: str = "nccl"
-    ctas: int = 16             # NCCL ring channels on Hopper NVLink nodes (one CTA each)
-    threads: int = 512         # NCCL's threads per CTA for the simple protocol
-    full_bw_ctas: int = 16     # the CTA count at which the modelled bandwidth is reached
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.latency_us) and self.latency_us >= 0):
-            raise ValueError(f"stand-in latency must be a finite number >= 0 us, got {self.latency_us}")
-        if not (math.isfinite(self.bus_gbps) and self.bus_gbps > 0):
-            raise ValueError(f"stand-in bandwidth must be a finite number > 0 GB/s, got {self.bus_gbps}")
-        if self.path not in PATHS:
-            raise ValueError(f"stand-in path must be one of {PATHS}, got {self.path!r}")
-        for name in ("ctas", "threads", "full_bw_ctas"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"stand-in {name} must be an int >= 1, got {v!r}")
-        if self.threads % 32 or self.threads > 1024:
-            raise ValueError(f"stand-in threads must be a multiple of 32 up to 1024, got {self.threads}")
-
-    @classmethod
-    def for_world_size(cls, world_size: int, **overrides) -> "GpuLinkModel":
-        """The defaults for a TP group of ``world_size`` (fits above; TP=8 and larger reuse TP=4's)."""
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
-            raise ValueError(f"an emulated TP group needs a world size >= 2, got {world_size!r}")
-        lat, bw = MEASURED_FITS[2] if world_size == 2 else MEASURED_FITS[4]
-        return replace(cls(lat, bw), **overrides)
-
-    @property
-    def effective_gbps(self) -> float:
-        if self.path == "copy_engine":
-            return self.bus_gbps
-        return self.bus_gbps * min(1.0, self.ctas / self.full_bw_ctas)
-
-    def bus_bytes(self, nbytes: int, world_size: int) -> int:
-        return int(2 * (world_size - 1) * nbytes // world_size)
-
-    def allreduce_seconds(self, nbytes: int, world_size: int) -> float:
-        """The modelled time of one all-reduce of ``nbytes`` per rank over ``world_size`` ranks."""
-        if world_size <= 1 or nbytes <= 0:
-            return 0.0
-        return self.latency_us * 1e-6 + 2.0 * (world_size - 1) / world_size * nbytes / (self.effective_gbps * 1e9)
-
-    def describe(self) -> str:
-        what = f"{self.ctas} CTAs x {self.threads} threads" if self.path == "nccl" else "copy engines, no SMs"
-        return f"{self.path} stand-in: {self.latency_us:g} us + {self.bus_gbps:g} GB/s bus ({what})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,9 +47,9 @@ _KERNELS = None
 def _kernels():
     global _KERNELS
     if _KERNELS is None:
-        import triton
-        import triton.language as tl
-        from triton.language.extra.cuda import globaltimer
+        import triton  # an optional extra, and the kernel only runs on a GPU: built on first use
+        import triton.language as tl  # (the same)
+        from triton.language.extra.cuda import globaltimer  # (the same)
 
         @triton.jit(do_not_specialize=["n_words", "bus_words", "duration_ns"])
         def hold(src, dst, n_words, bus_words, duration_ns, trace, BLOCK: tl.constexpr, TRACE: tl.constexpr):
@@ -144,11 +85,13 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 
 
 class StandInAllReduce:
-    """The comm interface of comm.py (prepare / start / wait / wait_all) with modelled all-reduces.
+    """The comm interface of comm.py (``CommPath``) with modelled collectives.
 
     ``world_size`` is the emulated group's; this process is its rank 0. Each ``start`` issues the
     stand-in on the comm stream (high priority, as our NCCL comm stream) after the compute that
-    produced the tile; ``wait_all`` orders the caller's stream after all of them. CUDA-graph safe.
+    produced the tile; ``wait_all`` orders the caller's stream after all of them. ``all_reduce`` and
+    ``all_gather`` (decode, embedding, LM head) run it on the caller's stream, which waits for them as it
+    waits for NCCL. CUDA-graph safe.
     """
 
     def __init__(self, world_size: int, model: Optional[GpuLinkModel] = None, device: Optional[torch.device] = None) -> None:
@@ -173,13 +116,15 @@ class StandInAllReduce:
     def enable_timing(self, on: bool = True) -> None:
         self._timing = on
 
-    def prepare(self, out: torch.Tensor) -> torch.Tensor:
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
         return out
 
-    def issue(self, piece: torch.Tensor) -> None:
-        """Enqueue one modelled all-reduce of ``piece`` on the current stream (the caller picks it)."""
+    def issue(self, piece: torch.Tensor, seconds: Optional[float] = None) -> None:
+        """Enqueue one modelled all-reduce of ``piece`` on the current stream (the caller picks it); ``seconds``:
+        how long it lasts instead (an all-gather's time)."""
         m = self.model
-        seconds = m.allreduce_seconds(piece.numel() * piece.element_size(), self.world_size)
+        if seconds is None:
+            seconds = m.allreduce_seconds(piece.numel() * piece.element_size(), self.world_size)
         src = _words(piece)
         dst = torch.empty_like(src)  # per call: a captured graph owns its own (graph memory pool)
         bus_words = m.bus_bytes(src.numel(), self.world_size)
@@ -218,3 +163,51 @@ class StandInAllReduce:
 
     def wait_all(self, handles) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.issue(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.issue(t, self.model.allgather_seconds(t.numel() * t.element_size(), self.world_size))
+        return t.repeat(*([1] * (t.dim() - 1)), self.world_size)
+
+
+class LinkStandIn:
+    """The stand-in on CPU: this process plays rank 0 of a TP group of ``world_size`` whose collectives take what
+    the simulated link says (sleeps, no CPU burnt; the data is not reduced). The code path of an emulated rank
+    (``bench-model --emulate-tp N`` on CPU), not a measurement of anything."""
+
+    sm_fraction = 0.0
+
+    def __init__(self, world_size: int, link: LinkModel) -> None:
+        self.world_size, self.rank, self.model = world_size, 0, link
+        self._queue = LinkQueue(link, world_size)
+        self._timing = False
+
+    def enable_timing(self, on: bool = True) -> None:
+        self._timing = on
+
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        return out
+
+    def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
+        h = CommHandle(tile, piece.numel() * piece.element_size())
+        h.issue_time = time.perf_counter()
+        self._queue.book(h, h.issue_time)
+        return h
+
+    def wait(self, handle: CommHandle) -> None:
+        handle.wait()
+
+    def wait_all(self, handles) -> None:
+        for h in handles:
+            h.wait()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self._queue.transfer(t.numel() * t.element_size())
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self._queue.transfer(t.numel() * t.element_size() * self.world_size // 2)  # half an all-reduce's bus bytes
+        return t.repeat(*([1] * (t.dim() - 1)), self.world_size)

@@ -4,7 +4,7 @@ For each shape, the block runs with comm off (``NoComm``: compute alone, one ran
 group) under CUDA-graph replay, once per candidate plan (for 1..max tiles, the plan the cost model
 would use with that count); each plan's median compute time, the max over ranks, goes into a JSON
 file (``--out``, default ``$FASTATTN_TUNED_PROFILE`` or ``~/.cache/fastattn_dist/tuned.json``). The
-cost model then simulates those plans with their measured times and the comm model (tuning.py), so a
+cost model then simulates those plans with their measured times and the comm model (tuning/), so a
 plan whose measured tile tax exceeds the comm it hides is not chosen.
 
 Every rank computes the same plan only if every rank reads the same file: keep it on a shared file
@@ -12,100 +12,44 @@ system or copy it to every node (the CLI's cross-rank check names ranks whose pl
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
-from .masks import Mask
-from .tuning import BlockCost, MeasuredPlans
-
-ENV = "FASTATTN_TUNED_PROFILE"
-_CACHE: Dict[str, dict] = {}
-
-
-def profile_path() -> str:
-    return os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastattn_dist", "tuned.json")
-
-
-def shape_key(device: torch.device, cost: BlockCost, mask: Mask) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    causal, window, padded = mask.structure()
-    return (f"{name}|{cost.elem_bytes}B|b{cost.batch}|s{cost.seq}|h{cost.hidden}|hl{cost.local_heads}|"
-            f"d{cost.head_dim}|tp{cost.world_size}|causal{int(causal)}|w{window or 0}|pad{int(padded)}")
+from ..block import TPAttention
+from ..masks import Causal
+from ..parallel.comm import NoComm
+from ..parallel.graphs import capture_cuda
+from ..runner import job_device, median_ms, run_job
+from ..tuning.cost_model import BlockCost, TilePlanOptions, plans_to_time, profile_for, simulate, tile_streams_for
+from ..tuning.measured import ENV, check_profile_writable, profile_path, shape_key, store
+from .options import DTYPES, add_rank_options, launch_from_args, nonneg_int, positive_int
 
 
-def _load(path: str) -> dict:
-    try:
-        mtime = os.path.getmtime(path)
-    except OSError:
-        return {}
-    hit = _CACHE.get(path)
-    if hit is not None and hit["mtime"] == mtime:
-        return hit["entries"]
-    try:
-        with open(path) as f:
-            entries = json.load(f).get("entries", {})
-    except (OSError, ValueError):
-        entries = {}
-    _CACHE[path] = {"mtime": mtime, "entries": entries}
-    return entries
+@dataclass(frozen=True)
+class TuneOptions:
+    """What every rank of ``tune`` runs: the shapes ``(hidden, heads, batch, seq)`` and how to time them."""
+
+    grid: List[Tuple[int, int, int, int]]
+    emulate_tp: Optional[int]
+    dtype: str
+    kv_heads: Optional[int]
+    max_tiles: int
+    repeats: int
+    warmup: int
 
 
-def lookup(device: torch.device, cost: BlockCost, mask: Mask) -> Optional[MeasuredPlans]:
-    """The measured plans for this exact shape, or None (then the built-in profile decides)."""
-    if device.type != "cuda":
-        return None
-    e = _load(profile_path()).get(shape_key(device, cost, mask))
-    if not e:
-        return None
-    return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3, p["streams"]) for p in e["plans"]])
-
-
-def check_profile_writable(path: str) -> None:
-    """A clear ValueError, before any timing, if the profile file could not be written at ``path``."""
-    if os.path.isdir(path):
-        raise ValueError(f"--out {path!r} is a directory: give the profile's file name (e.g. {path}/tuned.json)")
-    from .profiler.export import check_writable
-    check_writable(os.path.dirname(os.path.abspath(path)))
-
-
-def store(path: str, entries: Dict[str, dict]) -> None:
-    """Merge ``entries`` into the profile file (atomic replace; a clear error if it cannot be written)."""
-    current = dict(_load(path))
-    current.update(entries)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tuned-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"entries": current}, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ValueError(f"could not write the tuned profile {path}: {e.strerror or e}") from None
-    _CACHE.pop(path, None)
-
-
-def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
+def tune_rank(rank: int, world: int, opts: TuneOptions) -> Optional[dict]:
     """Every rank times the candidate plans of each shape (compute alone); rank 0 returns the entries."""
-    from .block import TPAttention
-    from .config import TilePlanOptions
-    from .masks import Causal
-    from .parallel.comm import NoComm
-    from .parallel.graphs import capture_cuda
-    from .runner import job_device, median_ms
-    from .tuning import plans_to_time, profile_for, simulate, tile_streams_for
-
     device = job_device()
-    tp = opts["emulate_tp"] or world
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[opts["dtype"]]
+    tp = opts.emulate_tp or world
+    dtype = DTYPES[opts.dtype]
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     entries = {}
-    for hidden, heads, batch, seq in opts["grid"]:
-        kv = opts.get("kv_heads") or heads
+    for hidden, heads, batch, seq in opts.grid:
+        kv = opts.kv_heads or heads
         D = hidden // heads
         g = torch.Generator().manual_seed(0)
         q = torch.randn(batch, seq, heads // tp, D, generator=g).to(device, dtype)
@@ -115,7 +59,7 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
         cost = BlockCost(batch, seq, hidden, heads // tp, D, tp, q.element_size())
         mask = Causal()
         prof = profile_for(device)
-        plans = plans_to_time(cost, mask, prof, TilePlanOptions(), counts=range(1, opts["max_tiles"] + 1))
+        plans = plans_to_time(cost, mask, prof, TilePlanOptions(), counts=range(1, opts.max_tiles + 1))
         row_cost = cost.row_costs(mask, prof)
         timed = []
         for n, plan in plans.items():
@@ -126,7 +70,7 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
                               tile_streams=streams)
             blk.load_o_proj_shard(wo)
             replay = capture_cuda(lambda: blk.attend(q, k, v, mask, tiles=plan))
-            ms = median_ms(replay, device, opts["repeats"], opts["warmup"])
+            ms = median_ms(replay, device, opts.repeats, opts.warmup)
             timed.append({"tiles": n, "bounds": list(plan.bounds), "streams": streams, "compute_ms": ms})
             del blk, replay
         t1 = timed[0]["compute_ms"]
@@ -138,8 +82,6 @@ def tune_rank(rank: int, world: int, opts: dict) -> Optional[dict]:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_rank_options, nonneg_int, positive_int
-
     p = sub.add_parser("tune", help="measure what tiles cost on this GPU and store it for tiles='auto'")
     add_rank_options(p, world_default=1, timeout_default=300.0)
     g = p.add_argument_group("shapes (causal; one rank's shape of the TP group)")
@@ -160,9 +102,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_tune(args) -> int:
-    from .cli import launch_from_args
-    from .runner import run_job
-
     launch = launch_from_args(args)
     if args.emulate_tp:
         if not torch.cuda.is_available():
@@ -175,8 +114,7 @@ def cmd_tune(args) -> int:
     if len(heads) != len(args.hidden):
         raise ValueError("--heads needs one value per --hidden value")
     grid = [(h, n, b, s) for h, n in zip(args.hidden, heads) for b in args.batch for s in args.seq]
-    opts = {"grid": grid, "emulate_tp": args.emulate_tp, "dtype": args.dtype, "kv_heads": args.kv_heads,
-            "max_tiles": args.max_tiles, "repeats": args.repeats, "warmup": args.warmup}
+    opts = TuneOptions(grid, args.emulate_tp, args.dtype, args.kv_heads, args.max_tiles, args.repeats, args.warmup)
     path = args.out or profile_path()
     check_profile_writable(path)
     entries = run_job(tune_rank, launch, (opts,), label="tune")

@@ -12,7 +12,7 @@ every tile count the cost-balanced plan, then a local search over its cut points
 wants a small first tile, so the all-reduces start early; a compute-bound one a small last tile).
 It keeps one tile unless the predicted gain is at least ``min_gain``.
 
-``tune.py`` can replace the compute side by measurement: a measured profile holds, per shape, the
+``measured.py`` (written by ``fastattn-dist tune``) can replace the compute side by measurement: a measured profile holds, per shape, the
 compute time of each plan it timed on this GPU; ``choose_plan`` then simulates those plans with their
 measured times, so a plan whose measured tile tax exceeds the comm it hides is never chosen.
 
@@ -26,10 +26,33 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import LinkModel, TilePlanOptions
-from .devices import family_of
-from .masks import Mask
-from .parallel.tiling_allreduce import TilePlan, cost_balanced_plan
+from ..devices import family_of
+from ..masks import Mask
+from ..parallel.link_models import LinkModel, nvlink_model, ring_allreduce_seconds
+from ..parallel.tile_plan import TilePlan, cost_balanced_plan
+
+
+@dataclass(frozen=True)
+class TilePlanOptions:
+    """Knobs of the tile plan (``tiles="auto"``).
+
+    max_tiles:      the most tiles ``auto`` considers.
+    min_tile_rows:  no tile smaller than this (keeps each tile's work efficient).
+    last_tile_share: the last tile's cost relative to the others; < 1 shrinks the last tile,
+                    whose all-reduce nothing can hide.
+    min_gain:       ``auto`` tiles only if the model predicts at least this fractional gain.
+    """
+
+    max_tiles: int = 16
+    min_tile_rows: int = 16
+    last_tile_share: float = 0.5
+    min_gain: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.max_tiles < 1 or self.min_tile_rows < 1:
+            raise ValueError("max_tiles and min_tile_rows must be >= 1")
+        if not (0 < self.last_tile_share <= 1):
+            raise ValueError("last_tile_share must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -40,11 +63,10 @@ class DeviceProfile:
     attn_flops: float          # attention FLOP/s (our backend on this device)
     gemm_flops: float          # o_proj GEMM FLOP/s
     tile_overhead_s: float     # fixed cost per extra tile
-    comm_latency_s: float      # all-reduce latency
-    comm_bus_bytes_s: float    # all-reduce bus bandwidth
+    comm_latency_s: float      # all-reduce latency (when ``nvlink`` is off)
+    comm_bus_bytes_s: float    # all-reduce bus bandwidth (when ``nvlink`` is off)
     min_tile_rows: int = 16    # smallest tile that still runs efficiently
-    # (latency s, bus bytes/s) by world size, where measured; other sizes use the nearest smaller one
-    comm_fits: Tuple[Tuple[int, float, float], ...] = ()
+    nvlink: bool = False       # NCCL over NVLink: link_models' model of it (fits per world size) instead
     # fixed cost per extra tile of each sublayer of a model's prefill (more kernels per tile than the block:
     # norms, the MLP, KV cache writes); None: tile_overhead_s
     sublayer_tile_overhead_s: Optional[float] = None
@@ -54,13 +76,9 @@ class DeviceProfile:
         return self.tile_overhead_s if self.sublayer_tile_overhead_s is None else self.sublayer_tile_overhead_s
 
     def allreduce_seconds(self, nbytes: int, world_size: int) -> float:
-        if world_size <= 1:
-            return 0.0
-        lat, bw = self.comm_latency_s, self.comm_bus_bytes_s
-        for w, fl, fb in sorted(self.comm_fits):
-            if w <= world_size:
-                lat, bw = fl, fb
-        return lat + 2.0 * (world_size - 1) / world_size * nbytes / bw
+        if self.nvlink:
+            return nvlink_model(world_size).allreduce_seconds(nbytes, world_size)
+        return ring_allreduce_seconds(nbytes, world_size, self.comm_latency_s, self.comm_bus_bytes_s)
 
 
 # CPU figures: the torch backend on one core of a recent x86 server, gloo over loopback. The model's per-tile
@@ -68,15 +86,14 @@ class DeviceProfile:
 # (0.6-1 ms, 2026-11-25: its many small ops per tile, and gloo's threads taking the cores from compute while
 # transfers overlap it).
 # Hopper: attention (cuDNN) and GEMM rates and the per-tile overhead with prioritised tile streams,
-# measured on one H100 (docs/gpu_emulation.md); comm: fits to NCCL all-reduces of 16-512 MB on H200
-# NVLink nodes (the same fits as the GPU comm stand-in, parallel/standin.py).
+# measured on one H100 (docs/gpu_emulation.md); comm: NCCL over NVLink as link_models models it (the fits to
+# all-reduces measured on H200 NVLink nodes, the same model as the GPU comm stand-in's).
 PROFILES = {
     "cpu": DeviceProfile("cpu", attn_flops=25e9, gemm_flops=90e9, tile_overhead_s=300e-6,
                          comm_latency_s=100e-6, comm_bus_bytes_s=2e9, min_tile_rows=16,
                          sublayer_tile_overhead_s=800e-6),
     "hopper": DeviceProfile("hopper", attn_flops=560e12, gemm_flops=680e12, tile_overhead_s=20e-6,
-                            comm_latency_s=78e-6, comm_bus_bytes_s=310e9, min_tile_rows=256,
-                            comm_fits=((2, 78e-6, 310e9), (4, 131e-6, 347e9))),
+                            comm_latency_s=78e-6, comm_bus_bytes_s=310e9, min_tile_rows=256, nvlink=True),
     "gpu": DeviceProfile("gpu", attn_flops=150e12, gemm_flops=250e12, tile_overhead_s=20e-6,
                          comm_latency_s=20e-6, comm_bus_bytes_s=100e9, min_tile_rows=256),
 }

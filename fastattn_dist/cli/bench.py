@@ -4,7 +4,7 @@ Two modes:
   real TP        under torchrun/mpirun, one GPU per rank: the all-reduce is NCCL's (and the copy-engine
                  path where it runs); on CPU it spawns gloo ranks (a code-path check, not GPU speed).
   --emulate-tp N one process on one GPU plays rank 0 of a TP=N group: that rank's shape (heads / N) and,
-                 for each all-reduce, the comm stand-in (parallel/standin.py: a model, not a measurement):
+                 for each all-reduce, the comm stand-in (parallel/emulated_comm.py: a model, not a measurement):
                  NCCL holding its CTAs, NCCL squeezed onto few CTAs, and copy engines.
 Per shape, from the same q, k, v and o_proj weight:
   baseline       SDPA (default backend) -> o_proj GEMM -> one all-reduce of the output, in sequence
@@ -21,24 +21,55 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass, field
 from datetime import date
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .block import TPAttention
-from .masks import Causal
-from .parallel.comm import NoComm
-from .parallel.graphs import capture_cuda, run_eagerly
-from .runner import job_device, median_ms
+from ..block import TPAttention
+from ..masks import Causal
+from ..parallel.comm import NoComm
+from ..parallel.copy_engine import copy_engine_available
+from ..parallel.emulated_comm import StandInAllReduce
+from ..parallel.graphs import capture_cuda, run_eagerly
+from ..parallel.link_models import GpuLinkModel
+from ..runner import job_device, median_ms, run_job
+from .options import (DTYPES, add_rank_options, launch_from_args, nonneg_int, out_dir, positive_float,
+                      positive_int)
 
 # (hidden, heads, batch, seq): the issue's grid; kv heads = heads unless --kv-heads
 GRID = [(h, n, 1, s) for h, n in ((4096, 32), (8192, 64)) for s in (2048, 8192, 32768)] + \
        [(4096, 32, 4, 2048), (8192, 64, 4, 2048)]
 QUICK_GRID = [(256, 8, 1, 192), (256, 8, 2, 301)]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What every rank of ``bench`` runs: the grid ``(hidden, heads, batch, seq)``, the variants, the timing."""
+
+    grid: List[Tuple[int, int, int, int]]
+    tile_counts: List[int]
+    dtype: str = "bfloat16"
+    repeats: int = 20
+    warmup: int = 3
+    kv_heads: Optional[int] = None
+    emulate_tp: Optional[int] = None
+    attn_backend: str = "auto"
+    few_ctas: int = 4
+    compare_streams: List[str] = field(default_factory=list)
+    tile_streams: str = "auto"
+    standin_latency_us: Optional[float] = None
+    standin_gbps: Optional[float] = None
+    standin_small_latency_us: Optional[float] = None
+    partial_path: Optional[str] = None
+
+    def standin(self, **kw) -> GpuLinkModel:
+        over = {k: v for k, v in (("latency_us", self.standin_latency_us), ("bus_gbps", self.standin_gbps),
+                                  ("small_latency_us", self.standin_small_latency_us)) if v is not None}
+        return GpuLinkModel.for_world_size(self.emulate_tp, **over, **kw)
 
 
 def _sdpa(q, k, v):
@@ -48,21 +79,15 @@ def _sdpa(q, k, v):
     return o.transpose(1, 2)
 
 
-def comm_paths(world: int, rank: int, device: torch.device, emulate: Optional[int], args: dict) -> Dict[str, object]:
+def comm_paths(device: torch.device, opts: BenchOptions) -> Dict[str, object]:
     """The comm paths to compare: name -> what TPAttention's ``comm`` takes."""
-    if emulate:
-        from .parallel.standin import GpuLinkModel, StandInAllReduce
-        over = {k: v for k, v in (("latency_us", args.get("standin_latency_us")),
-                                  ("bus_gbps", args.get("standin_gbps"))) if v is not None}
-        base = GpuLinkModel.for_world_size(emulate, **over)
-        paths = {"nccl": StandInAllReduce(emulate, base, device)}
-        if args.get("few_ctas"):
-            paths[f"nccl_{args['few_ctas']}cta"] = StandInAllReduce(
-                emulate, GpuLinkModel.for_world_size(emulate, ctas=args["few_ctas"], **over), device)
-        paths["copy_engine"] = StandInAllReduce(emulate, GpuLinkModel.for_world_size(emulate, path="copy_engine",
-                                                                                     **over), device)
+    if opts.emulate_tp:
+        n = opts.emulate_tp
+        paths = {"nccl": StandInAllReduce(n, opts.standin(), device)}
+        if opts.few_ctas:
+            paths[f"nccl_{opts.few_ctas}cta"] = StandInAllReduce(n, opts.standin(ctas=opts.few_ctas), device)
+        paths["copy_engine"] = StandInAllReduce(n, opts.standin(path="copy_engine"), device)
         return paths
-    from .parallel.ce_allreduce import copy_engine_available
     paths = {"nccl": "nccl"}
     if copy_engine_available(device):
         paths["copy_engine"] = "copy_engine"
@@ -74,119 +99,137 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def bench_shape(hidden: int, heads: int, kv_heads: int, batch: int, seq: int, tile_counts: List[int], device,
-                dtype, repeats: int, warmup: int, emulate: Optional[int], args: dict, log: Callable) -> dict:
-    world = emulate or dist.get_world_size()
-    rank = 0 if emulate else dist.get_rank()
-    D = hidden // heads
-    Hl, Hkvl = heads // world, kv_heads // world
-    g = torch.Generator(device="cpu").manual_seed(1234 + rank)
-    q = torch.randn(batch, seq, Hl, D, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(batch, seq, Hkvl, D, generator=g).to(device=device, dtype=dtype)
-    v = torch.randn(batch, seq, Hkvl, D, generator=g).to(device=device, dtype=dtype)
-    wo = (torch.randn(hidden, Hl * D, generator=g) * (hidden ** -0.5)).to(device=device, dtype=dtype)
-    rows = batch * seq
-    # every variant is captured here as one graph over the same in-place inputs (the baseline too), so no
-    # variant pays for copying inputs into a graph's static buffers
-    capture = capture_cuda if device.type == "cuda" else run_eagerly
-    paths = comm_paths(world, rank, device, emulate, args)
+@dataclass
+class ShapeRun:
+    """One shape's inputs (this rank's q, k, v and o_proj shard), comm paths and timer."""
 
-    def measure(fn) -> float:
-        return median_ms(fn, device, repeats, warmup)
+    hidden: int
+    heads: int
+    kv_heads: int
+    batch: int
+    seq: int
+    world: int
+    rank: int
+    device: torch.device
+    dtype: torch.dtype
+    opts: BenchOptions
 
-    # -- the baseline: what a user writes, captured as one graph too ----------------------------------
-    y_base = torch.empty(rows, hidden, device=device, dtype=dtype)
+    def __post_init__(self) -> None:
+        D = self.hidden // self.heads
+        self.local_heads, Hkvl = self.heads // self.world, self.kv_heads // self.world
+        g = torch.Generator(device="cpu").manual_seed(1234 + self.rank)
+        kw = {"device": self.device, "dtype": self.dtype}
+        self.q = torch.randn(self.batch, self.seq, self.local_heads, D, generator=g).to(**kw)
+        self.k = torch.randn(self.batch, self.seq, Hkvl, D, generator=g).to(**kw)
+        self.v = torch.randn(self.batch, self.seq, Hkvl, D, generator=g).to(**kw)
+        self.wo = (torch.randn(self.hidden, self.local_heads * D, generator=g) * self.hidden ** -0.5).to(**kw)
+        self.rows = self.batch * self.seq
+        # every variant is captured as one graph over the same in-place inputs (the baseline too), so no variant
+        # pays for copying inputs into a graph's static buffers
+        self.capture = capture_cuda if self.device.type == "cuda" else run_eagerly
+        self.paths = comm_paths(self.device, self.opts)
+        self.result = {"hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads, "batch": self.batch,
+                       "seq": self.seq, "tp": self.world, "emulated": bool(self.opts.emulate_tp),
+                       "local_heads": self.local_heads, "runs": {}}
+        self.refs: Dict[str, torch.Tensor] = {}
 
-    def allreduce_full(path: Optional[str]):
-        if path is None:
-            return lambda y: None
-        if emulate:
-            return paths[path].issue
-        return lambda y: dist.all_reduce(y)
+    def measure(self, fn: Callable[[], None]) -> float:
+        return median_ms(self.capture(fn), self.device, self.opts.repeats, self.opts.warmup)
 
-    def baseline_fn(path: Optional[str]):
-        reduce = allreduce_full(path)
-
-        def fn():
-            a = _sdpa(q, k, v).reshape(rows, Hl * D)
-            torch.matmul(a, wo.t(), out=y_base)
-            reduce(y_base)
-        return fn
-
-    r = {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "batch": batch, "seq": seq, "tp": world,
-         "emulated": bool(emulate), "local_heads": Hl, "runs": {}}
-    base_compute_replay = capture(baseline_fn(None))
-    r["baseline_compute_ms"] = measure(base_compute_replay)
-    refs = {"compute": y_base.clone()}  # this rank's partial sums
-    real_paths = list(paths) if emulate else ["nccl"]  # the baseline's all-reduce is NCCL's under real TP
-    for path in real_paths:
-        replay = capture(baseline_fn(path))
-        r[f"baseline_{path}_ms"] = measure(replay)
-        if path == "nccl":
-            baseline_fn(path)()
-            refs["full"] = y_base.clone()  # all-reduced (under emulation the stand-in leaves the partials)
-        if emulate:
-            y = torch.empty(rows, hidden, device=device, dtype=dtype)
-            one = capture(lambda path=path, y=y: paths[path].issue(y))
-            r[f"allreduce_{path}_ms"] = measure(one)
-        else:
-            y = torch.randn(rows, hidden, device=device).to(dtype)
-            r[f"allreduce_{path}_ms"] = measure(capture(lambda y=y: dist.all_reduce(y)))
-    r["baseline_ms"] = r["baseline_nccl_ms"]
-
-    # -- ours --------------------------------------------------------------------------------------------
-    def block_for(comm, tile_streams: str) -> TPAttention:
-        blk = TPAttention(hidden, heads, kv_heads, dtype=dtype, device=device, comm=comm,
-                          backend=args.get("attn_backend", "auto"), tile_streams=tile_streams)
-        blk.load_o_proj_shard(wo)
+    def block(self, comm, tile_streams: str) -> TPAttention:
+        blk = TPAttention(self.hidden, self.heads, self.kv_heads, dtype=self.dtype, device=self.device, comm=comm,
+                          backend=self.opts.attn_backend, tile_streams=tile_streams)
+        blk.load_o_proj_shard(self.wo)
         return blk
 
-    mode = args.get("tile_streams", "auto")
-    compute_blk = block_for(NoComm(world, rank), mode)
-    t1_out = {}
-    plans = {}
-    auto_comm = dict(paths) if emulate else "auto"  # the stand-ins to choose from, or the block's own choice
-    variants = [("compute", None, mode)] + [(n, c, mode) for n, c in paths.items()] + [("auto", auto_comm, mode)]
-    for other in args.get("compare_streams") or []:  # the same fixed tile counts under other stream modes
-        variants += [(f"compute.{other}", None, other)] + [(f"{n}.{other}", c, other) for n, c in paths.items()
-                                                         if not n.startswith("nccl_")]
-    for name, comm, streams in variants:
-        blk = compute_blk if name == "compute" else block_for(NoComm(world, rank) if comm is None else comm, streams)
-        counts = [1, *tile_counts, "auto"] if name != "auto" else ["auto"]
-        if "." in name:
-            counts = list(tile_counts) + ([] if comm is None else ["auto"])
-        for tiles in counts:
-            label = f"{name}_t{tiles}"
-            try:
+    def _reduce(self, path: Optional[str]) -> Callable[[torch.Tensor], None]:
+        if path is None:
+            return lambda y: None
+        if self.opts.emulate_tp:
+            return self.paths[path].issue
+        return lambda y: dist.all_reduce(y)
+
+    def baseline(self, path: Optional[str], y: torch.Tensor) -> Callable[[], None]:
+        """What a user writes: SDPA, then the o_proj GEMM, then one all-reduce of the whole output."""
+        reduce, D = self._reduce(path), self.hidden // self.heads
+
+        def fn():
+            a = _sdpa(self.q, self.k, self.v).reshape(self.rows, self.local_heads * D)
+            torch.matmul(a, self.wo.t(), out=y)
+            reduce(y)
+        return fn
+
+    def time_baselines(self) -> None:
+        r, y = self.result, torch.empty(self.rows, self.hidden, device=self.device, dtype=self.dtype)
+        self._base_compute = self.baseline(None, y)
+        r["baseline_compute_ms"] = self.measure(self._base_compute)
+        self.refs["compute"] = y.clone()  # this rank's partial sums
+        for path in (list(self.paths) if self.opts.emulate_tp else ["nccl"]):  # real TP: the baseline is NCCL's
+            r[f"baseline_{path}_ms"] = self.measure(self.baseline(path, y))
+            if path == "nccl":
+                self.baseline(path, y)()
+                self.refs["full"] = y.clone()  # all-reduced (under emulation the stand-in leaves the partials)
+            alone = torch.randn(self.rows, self.hidden, device=self.device).to(self.dtype)
+            reduce = self._reduce(path)
+            r[f"allreduce_{path}_ms"] = self.measure(lambda reduce=reduce, alone=alone: reduce(alone))
+        r["baseline_ms"] = r["baseline_nccl_ms"]
+
+    def variants(self) -> List[Tuple[str, object, str]]:
+        """(name, comm or None for compute alone, tile streams mode) of every variant of ours."""
+        mode = self.opts.tile_streams
+        auto_comm = dict(self.paths) if self.opts.emulate_tp else "auto"  # the stand-ins, or the block's choice
+        out = [("compute", None, mode)] + [(n, c, mode) for n, c in self.paths.items()] + [("auto", auto_comm, mode)]
+        for other in self.opts.compare_streams:  # the same fixed tile counts under other stream modes
+            out += [(f"compute.{other}", None, other)] + [(f"{n}.{other}", c, other) for n, c in self.paths.items()
+                                                        if not n.startswith("nccl_")]
+        return out
+
+    def time_variant(self, blk: TPAttention, name: str, comm, tiles, t1_out: dict) -> dict:
+        y = blk.attend(self.q, self.k, self.v, Causal(), tiles=tiles).reshape(self.rows, self.hidden).clone()
+        kind = "compute" if comm is None else "full"  # partial sums, or all-reduced outputs
+        t1_out.setdefault(kind, y)
+        ms = self.measure(lambda: blk.attend(self.q, self.k, self.v, Causal(), tiles=tiles))
+        plan = blk.last_plan
+        return {"ms": ms, "tiles": plan.num_tiles, "plan": list(plan.bounds), "comm": blk.last_comm,
+                "streams": blk.last_streams, "err_vs_t1": _rel(y, t1_out[kind]), "err_vs_baseline": _rel(y, self.refs[kind])}
+
+    def time_ours(self) -> None:
+        runs, counts_fixed = self.result["runs"], list(self.opts.tile_counts)
+        t1_out: dict = {}
+        auto_plans = {}
+        for name, comm, streams in self.variants():
+            blk = self.block(NoComm(self.world, self.rank) if comm is None else comm, streams)
+            counts = ["auto"] if name == "auto" else [1, *counts_fixed, "auto"]
+            if "." in name:
+                counts = counts_fixed + ([] if comm is None else ["auto"])
+            for tiles in counts:
                 if comm is None and tiles == "auto":
                     continue  # compute of auto's plans is timed below, per comm path
-                y = blk.attend(q, k, v, Causal(), tiles=tiles).reshape(rows, hidden).clone()
-                kind = "compute" if comm is None else "full"  # partial sums, or all-reduced outputs
-                t1_out.setdefault(kind, y)
-                ms = measure(capture(lambda: blk.attend(q, k, v, Causal(), tiles=tiles)))
-                plan = blk.last_plan
-                r["runs"][label] = {"ms": ms, "tiles": plan.num_tiles, "plan": list(plan.bounds),
-                                    "comm": blk.last_comm, "streams": blk.last_streams,
-                                    "err_vs_t1": _rel(y, t1_out[kind]),
-                                    "err_vs_baseline": _rel(y, refs[kind])}
-                if tiles == "auto":
-                    plans[label] = (plan, blk.last_streams)
-            except Exception as e:  # one failing variant must not hide the others
-                r["runs"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        if blk is not compute_blk:
-            del blk
-    # compute alone of the plans auto chose
-    for label, (plan, streams) in plans.items():  # compute alone, the same plan and stream mode
-        blk = block_for(NoComm(world, rank), streams)
-        ms = measure(capture(lambda: blk.attend(q, k, v, Causal(), tiles=plan)))
-        r["runs"][label]["compute_ms"] = ms
-    # the baseline again at the end: the two readings bound the run-to-run spread of this shape
-    r["baseline_compute_ms_again"] = measure(base_compute_replay)
-    r["tile_streams"] = mode
-    return summarize(r, tile_counts)
+                label = f"{name}_t{tiles}"
+                try:
+                    runs[label] = self.time_variant(blk, name, comm, tiles, t1_out)
+                    if tiles == "auto":
+                        auto_plans[label] = (blk.last_plan, blk.last_streams)
+                except Exception as e:  # one failing variant must not hide the others
+                    runs[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        for label, (plan, streams) in auto_plans.items():  # compute alone, the same plan and stream mode
+            blk = self.block(NoComm(self.world, self.rank), streams)
+            runs[label]["compute_ms"] = self.measure(lambda: blk.attend(self.q, self.k, self.v, Causal(), tiles=plan))
+        # the baseline again at the end: the two readings bound the run-to-run spread of this shape
+        self.result["baseline_compute_ms_again"] = self.measure(self._base_compute)
+        self.result["tile_streams"] = self.opts.tile_streams
 
 
-def summarize(r: dict, tile_counts: List[int]) -> dict:
+def bench_shape(hidden: int, heads: int, kv_heads: int, batch: int, seq: int, device, opts: BenchOptions) -> dict:
+    world = opts.emulate_tp or dist.get_world_size()
+    rank = 0 if opts.emulate_tp else dist.get_rank()
+    run = ShapeRun(hidden, heads, kv_heads, batch, seq, world, rank, device, DTYPES[opts.dtype], opts)
+    run.time_baselines()
+    run.time_ours()
+    return summarize(run.result)
+
+
+def summarize(r: dict) -> dict:
     runs = r["runs"]
     t1c = runs.get("compute_t1", {}).get("ms")
     for label, v in runs.items():
@@ -220,20 +263,17 @@ def summarize(r: dict, tile_counts: List[int]) -> dict:
     return r
 
 
-def run_rank(rank: int, world: int, opts: dict) -> Optional[List[dict]]:
+def run_rank(rank: int, world: int, opts: BenchOptions) -> Optional[List[dict]]:
     device = job_device()
-    if opts["emulate_tp"] and device.type != "cuda":
+    if opts.emulate_tp and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES[opts["dtype"]]
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     results = []
-    for hidden, heads, batch, seq in opts["grid"]:
-        kv = opts.get("kv_heads") or heads
-        r = bench_shape(hidden, heads, kv, batch, seq, opts["tile_counts"], device, dtype, opts["repeats"],
-                        opts["warmup"], opts["emulate_tp"], opts, log)
+    for hidden, heads, batch, seq in opts.grid:
+        r = bench_shape(hidden, heads, opts.kv_heads or heads, batch, seq, device, opts)
         results.append(r)
-        if rank == 0 and opts.get("partial_path"):  # what is done survives a run cut short
-            with open(opts["partial_path"], "w") as f:
+        if rank == 0 and opts.partial_path:  # what is done survives a run cut short
+            with open(opts.partial_path, "w") as f:
                 json.dump({"partial": True, "results": results}, f)
         log(f"[bench] TP={r['tp']} hidden {hidden} B{batch} S{seq}: baseline {r['baseline_ms']:.3f} ms "
             f"(compute {r['baseline_compute_ms']:.3f}), ours t=1 compute x{1 / r['t1_vs_baseline_compute']:.3f}, "
@@ -290,10 +330,6 @@ def markdown(results: List[dict], meta: dict) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .cli import launch_from_args
-    from .profiler.export import check_writable
-    from .runner import run_job
-
     launch = launch_from_args(args)
     if not args.quick and not args.emulate_tp and launch.device_type() != "cuda":
         raise ValueError("bench's grid is GPU-sized (hidden 4096 and 8192, S up to 32K): these ranks run on CPU, where "
@@ -315,15 +351,12 @@ def cmd_bench(args) -> int:
         bad = sorted(h for h in heads if h % args.emulate_tp)
         if bad:
             raise ValueError(f"heads {bad} are not divisible by --emulate-tp {args.emulate_tp}")
-    opts = {"grid": grid, "tile_counts": args.tile_counts, "dtype": args.dtype, "repeats": args.repeats,
-            "warmup": args.warmup, "kv_heads": args.kv_heads, "emulate_tp": args.emulate_tp,
-            "attn_backend": args.attn_backend, "few_ctas": args.few_ctas, "compare_streams": args.compare_streams,
-            "tile_streams": args.tile_streams,
-            "standin_latency_us": args.standin_latency_us, "standin_gbps": args.standin_gbps,
-            "partial_path": os.path.join(args.out, f"bench_partial_tp{args.emulate_tp or 'x'}.json")
-            if args.out else None}
     if args.out:
-        check_writable(args.out)
+        out_dir(args.out)
+    opts = BenchOptions(grid, args.tile_counts, args.dtype, args.repeats, args.warmup, args.kv_heads, args.emulate_tp,
+                        args.attn_backend, args.few_ctas, args.compare_streams or [], args.tile_streams,
+                        args.standin_latency_us, args.standin_gbps, args.standin_small_latency_us,
+                        os.path.join(args.out, f"bench_partial_tp{args.emulate_tp or 'x'}.json") if args.out else None)
     results = run_job(run_rank, launch, (opts,), label="bench")
     if results is None:
         return 0
@@ -349,8 +382,6 @@ def cmd_bench(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_rank_options, nonneg_int, positive_float, positive_int
-
     p = sub.add_parser("bench", help="time the tiled block against SDPA + GEMM + all-reduce (GPUs: torchrun, or "
                                      "--emulate-tp N on one GPU)")
     add_rank_options(p, timeout_default=300.0)
@@ -363,7 +394,7 @@ def add_parser(sub) -> None:
     g.add_argument("--tile-counts", type=positive_int, nargs="*", default=[2, 3, 4], help="fixed tile counts to time (default 2 3 4)")
     g.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="default bfloat16")
     g.add_argument("--tile-streams", default="auto", choices=("auto", "one", "overlap", "staged", "lead"),
-                   help="how our tiles share the GPU (row_parallel.py; default auto: per shape)")
+                   help="how our tiles share the GPU (parallel/layers.py; default auto: per shape)")
     g.add_argument("--compare-streams", nargs="*", default=None, choices=("one", "overlap", "staged", "lead"),
                    help="also time the fixed tile counts and auto's plans under these stream modes")
     g.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "cudnn", "torch"),
@@ -375,6 +406,9 @@ def add_parser(sub) -> None:
                    help="also time the stand-in NCCL path squeezed onto this many CTAs (default 4; 0: off)")
     g.add_argument("--standin-latency-us", type=positive_float, default=None,
                    help="override the stand-in's all-reduce latency (default: the fit for the TP size)")
+    g.add_argument("--standin-small-latency-us", type=positive_float, default=None,
+                   help="override the stand-in's latency of messages below 256 KiB (default: parallel/link_models.py's "
+                        "figure for the TP size)")
     g.add_argument("--standin-gbps", type=positive_float, default=None,
                    help="override the stand-in's bus bandwidth in GB/s (default: the fit for the TP size)")
     g = p.add_argument_group("timing and output")

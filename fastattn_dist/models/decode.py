@@ -1,0 +1,128 @@
+"""Decode: one new token per sequence through every layer, by a strategy chosen once, when the cache is made.
+
+  ``FusedDecode``     GPU, one cache tier: per layer norm+residual, q/k/v GEMM, RoPE + cache append, split-K
+                      attention, o_proj GEMM + all-reduce, norm+residual, gate/up GEMM, SiLU*up, down GEMM +
+                      all-reduce, as fused Triton kernels (triton_fused.py); no host sync and no shape change
+                      between steps, so the step can be captured as a CUDA graph (generate.py).
+  ``OneTierDecode``   the same layers in plain PyTorch (CPU ranks, float64): the reference path.
+  ``TieredDecode``    a KV cache with a host tier (kv_offload.py): each sequence's new key goes to the tier its
+                      position falls in, attention runs on both tiers and is merged by LSE. Host work: no graph.
+
+Every all-reduce and the LM head's gather go through the model's comm path (``CommPath``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..attention.decode import decode_attention
+from .kv_cache import KVCache
+from .kv_offload import TieredKVCache, tiered_decode_attention
+from .layers import fused_kernels, rms_norm
+
+
+class OneTierDecode:
+    """The plain-PyTorch decode step; ``attend`` stores a layer's new key/value and returns its attention."""
+
+    capturable = False
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def window(self) -> Optional[int]:
+        w, c = self.model.config.sliding_window, self.model.cache
+        return w if w is not None and w < c.max_seq_len else None
+
+    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = self.model.cache
+        c.append(li, k, v)
+        return decode_attention(q, c.k[li], c.v[li], c.lengths + 1, window=self.window(),
+                                backend=self.model.attn_backend)
+
+    def finish(self) -> None:
+        self.model.cache.lengths.add_(1)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        cfg, s, comm = m.config, m.shape, m.comm
+        B, D, eps = ids.shape[0], s.head_dim, cfg.rms_norm_eps
+        pos = m.cache.lengths[:, None]
+        h = m.embed(ids, comm)
+        for li, layer in enumerate(m.layers):
+            q, k, v = layer.attn.project(rms_norm(h, layer.input_norm, eps))
+            q = m.rotary.apply(q.view(B, 1, s.local_heads, D), pos)
+            k = m.rotary.apply(k.view(B, 1, s.local_kv_heads, D), pos)
+            a = self.attend(li, q, k, v.view(B, 1, s.local_kv_heads, D)).reshape(B, s.local_heads * D)
+            h = h + layer.attn.o_proj.run_rows(a, comm)
+            h = h + layer.mlp.down.run_rows(layer.mlp.activation(rms_norm(h, layer.post_norm, eps)), comm)
+        self.finish()
+        return m.logits(h)
+
+
+class TieredDecode(OneTierDecode):
+    """Decode over a device + host KV cache (kv_offload.py); the host tier's lengths are read on the host."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._lens = None
+
+    def attend(self, li, q, k, v):
+        c = self.model.cache
+        for b, n in enumerate(c.host_lengths):  # sequences sit at different positions
+            c.write_block(li, b, b + 1, n, k[b:b + 1], v[b:b + 1])
+        return tiered_decode_attention(c, li, q, self._lens, self.model.kv_plan.decode_host, self.window(),
+                                       self.model.attn_backend)
+
+    def __call__(self, ids):
+        c = self.model.cache
+        self._lens = [n + 1 for n in c.host_lengths]
+        if max(self._lens) > c.max_seq_len:
+            raise ValueError(f"the KV cache holds {c.max_seq_len} tokens per sequence: no room for another")
+        return super().__call__(ids)
+
+    def finish(self) -> None:
+        super().finish()
+        self.model.cache.host_lengths = self._lens
+
+
+class FusedDecode(OneTierDecode):
+    """The decode step as fused kernels (GPU, one tier); capturable unless a sliding window is shorter than
+    the cache (windowed attention reads lengths back to the host)."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.capturable = self.window() is None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        from .triton_fused import add_rms_norm, rope_append, silu_mul  # Triton is optional: GPU runs only
+
+        m = self.model
+        cfg, s, c, comm = m.config, m.shape, m.cache, m.comm
+        B, eps = ids.shape[0], cfg.rms_norm_eps
+        cos, sin = m.rotary.tables(c.max_seq_len, m.device, torch.float32)
+        kv_len = c.lengths + 1
+        window = self.window()
+        h = m.embed(ids, comm)
+        n = add_rms_norm(h, m.layers[0].input_norm, eps)
+        for li, layer in enumerate(m.layers):
+            attn, mlp = layer.attn, layer.mlp
+            q = rope_append(attn.qkv(n), cos, sin, c.lengths, c.k[li], c.v[li], s.local_heads, s.local_kv_heads)
+            a = decode_attention(q, c.k[li], c.v[li], kv_len, window=window, backend=m.attn_backend).reshape(B, -1)
+            o = comm.all_reduce(a @ attn.o_proj.weight.t())
+            n = add_rms_norm(h, layer.post_norm, eps, delta=o, bias=attn.o_proj.bias)
+            d = comm.all_reduce(silu_mul(mlp.gate_up(n)) @ mlp.down.weight.t())
+            last = li + 1 == len(m.layers)
+            n = add_rms_norm(h, m.norm if last else m.layers[li + 1].input_norm, eps, delta=d, bias=mlp.down.bias)
+        c.lengths.add_(1)
+        return m.lm_head(n, comm)
+
+
+def decode_strategy(model):
+    """The decode step for the model's current cache (chosen once per cache)."""
+    cache = model.cache
+    if isinstance(cache, TieredKVCache):
+        return TieredDecode(model)
+    if isinstance(cache, KVCache) and fused_kernels(model.device, model.dtype):
+        return FusedDecode(model)
+    return OneTierDecode(model)

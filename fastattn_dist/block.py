@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention import available, resolve_backend
-from .kv import KVSink, LayerKV
+from .kv import KVSink, LayerKV, TileOrder
 from .lru import LRUCache
 from .masks import Mask, MaskLike, resolve_mask
 from .parallel.checks import check_same_on_all_ranks
@@ -263,27 +263,32 @@ class TPAttention(nn.Module):
         return t if self.rotary is None else self.rotary.apply(t, positions)
 
     def tile_rows(self, x_rows: torch.Tensor, r0: int, r1: int, seq_len: int, sink: KVSink, mask: Mask,
-                  positions: Optional[torch.Tensor] = None, start: int = 0, tile: int = -1) -> torch.Tensor:
+                  positions: Optional[torch.Tensor] = None, start: int = 0, tile: int = -1,
+                  order: Optional[TileOrder] = None) -> torch.Tensor:
         """Causal attention output ``[r1 - r0, local_heads * D]`` (o_proj's input) of flat rows [r0, r1) of a
         ``[batch, seq_len]`` prefill at positions start.. (``positions``: on the device, covering them): q/k/v
-        of ``x_rows``, RoPE, then ``sink`` stores the keys and attends. ``mask``: causal, with the batch's
-        window and key lengths."""
+        of ``x_rows``, RoPE, ``sink`` stores the keys, then attends. ``mask``: causal, with the batch's window and
+        key lengths; ``order``: the tiles' key order when they run on several streams (kv.TileOrder)."""
         rec, s = self.recorder, self.shape
-        Hl, D = s.local_heads, s.head_dim
+        Hl, Hkv, D = s.local_heads, s.local_kv_heads, s.head_dim
         with span(rec, "qkv", tile):
             q, k, v = self.project(x_rows)
         with span(rec, "attention", tile):
-            segs = list(tile_segments(r0, r1, seq_len))
-            out = None if len(segs) == 1 else torch.empty(r1 - r0, Hl * D, dtype=x_rows.dtype, device=x_rows.device)
-            for b0, b1, s0, s1 in segs:
+            pieces = []
+            for b0, b1, s0, s1 in tile_segments(r0, r1, seq_len):
                 n, L, o0 = b1 - b0, s1 - s0, (b0 * seq_len + s0) - r0
                 rows = slice(o0, o0 + n * L)
                 pos = None if positions is None else positions[start + s0:start + s1]
-                qs = self._rope(q[rows].view(n, L, Hl, D), pos)
-                ks = self._rope(k[rows].view(n, L, s.local_kv_heads, D), pos)
-                dst = None if out is None else out[rows].view(n, L, Hl, D)
-                o = sink.write_and_attend(qs, ks, v[rows].view(n, L, s.local_kv_heads, D), b0, b1, start + s0,
-                                          mask.slice_batch(b0, b1), self.backend, out=dst)
+                qkv = (self._rope(q[rows].view(n, L, Hl, D), pos), self._rope(k[rows].view(n, L, Hkv, D), pos),
+                       v[rows].view(n, L, Hkv, D))
+                sink.write(b0, b1, start + s0, qkv[1], qkv[2])
+                pieces.append((rows, b0, b1, s0, qkv))
+            if order is not None:
+                order.written(tile)
+            out = None if len(pieces) == 1 else torch.empty(r1 - r0, Hl * D, dtype=x_rows.dtype, device=x_rows.device)
+            for rows, b0, b1, s0, (qs, ks, vs) in pieces:
+                dst = None if out is None else out[rows].view(b1 - b0, -1, Hl, D)
+                o = sink.attend_written(qs, ks, vs, b0, b1, start + s0, mask.slice_batch(b0, b1), self.backend, dst)
                 if out is None:  # one sequence piece: the kernel's own output is the GEMM's input
                     return o.reshape(r1 - r0, Hl * D)
             return out
@@ -372,9 +377,10 @@ class TPAttention(nn.Module):
             if self.rotary is not None:
                 positions = torch.arange(S, device=x.device)
                 self.rotary.reserve(S, x.device, x.dtype)
+            order = TileOrder(plan.num_tiles, x.device) if streams != "one" else None
 
             def produce(i: int, r0: int, r1: int) -> torch.Tensor:
-                return self.tile_rows(x[r0:r1], r0, r1, S, sink, m, positions, 0, i)
+                return self.tile_rows(x[r0:r1], r0, r1, S, sink, m, positions, 0, i, order)
         else:  # every tile attends to every row's keys: project all rows first
             if entry == "forward":
                 with span(rec, "qkv"):

@@ -17,12 +17,34 @@ from .masks import Mask
 
 
 class KVSink(Protocol):
-    def write_and_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b0: int, b1: int, start: int,
-                         mask: Mask, backend: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Store ``k``, ``v`` ``[b1 - b0, n, kv_heads, D]`` at positions [start, start + n) of sequences b0..b1-1,
-        then attend ``q`` (the same rows) to every key before and at them; ``mask``: the causal structure and
-        the sequences' key lengths (already sliced to b0..b1)."""
+    def write(self, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` ``[b1 - b0, n, kv_heads, D]`` at positions [start, start + n) of sequences b0..b1-1."""
         ...
+
+    def attend_written(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b0: int, b1: int, start: int,
+                       mask: Mask, backend: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attend ``q`` (the rows whose ``k``, ``v`` were just written at ``start``..) to every key before and at
+        them; ``mask``: the causal structure and the sequences' key lengths (already sliced to b0..b1)."""
+        ...
+
+
+class TileOrder:
+    """Keeps a tile's attention after the earlier tiles' keys are written when tiles run on different CUDA streams
+    (a tile reads the keys of every row before its own). ``written(i)``, on tile i's stream once its keys are
+    stored: waits for tile i - 1's mark, then marks tile i, so each mark covers every earlier tile's keys. On CPU,
+    or with one stream, the tiles' order is the program's and this does nothing."""
+
+    def __init__(self, tiles: int, device: torch.device) -> None:
+        self._events = [None] * tiles if device.type == "cuda" else None
+
+    def written(self, i: int) -> None:
+        if self._events is None:
+            return
+        if i > 0 and self._events[i - 1] is not None:
+            torch.cuda.current_stream().wait_event(self._events[i - 1])
+        ev = torch.cuda.Event()
+        ev.record()
+        self._events[i] = ev
 
 
 class LayerKV:
@@ -51,6 +73,5 @@ class LayerKV:
         which = kernel_for(backend, q, keys, mask, q_offset, False)
         return run_kernel(which, q, keys, vals, mask, q_offset=q_offset, out=out)
 
-    def write_and_attend(self, q, k, v, b0, b1, start, mask, backend, out=None):
-        self.write(b0, b1, start, k, v)
+    def attend_written(self, q, k, v, b0, b1, start, mask, backend, out=None):
         return self.attend(q, b0, b1, start, start + q.shape[1], mask, backend, out)

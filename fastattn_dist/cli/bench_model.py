@@ -149,7 +149,7 @@ def emulation_markdown(r: dict) -> str:
              "Time to first token in ms (median, each variant timed in turn within every repeat); compute = the same "
              "plan with comm off; comm = the plan's all-reduces alone; ceiling = max(compute, comm) of auto + its "
              "last tile's all-reduce; speedups are of auto over tiles=1.", "",
-             "| B x S | tiles=1 | auto (tiles) | speedup | fixed plans | auto / best fixed | compute t=1 | compute auto "
+             "| B x S | tiles=1 | auto (tiles) | speedup | fixed plans | best fixed / auto | compute t=1 | compute auto "
              "| comm auto | ceiling (speedup) | logits rel err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         ms = row["ms"]

@@ -24,6 +24,17 @@ class KVCache:
         self._rows = torch.arange(batch, device=device)
 
     @classmethod
+    def empty(cls, num_layers: int, batch: int, max_seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> "KVCache":
+        """Per-layer (uninitialised) buffers: scratch for a cache-less forward whose layers overlap (each position
+        is written before it is read)."""
+        c = cls(0, batch, max_seq_len, kv_heads, head_dim, dtype, device)
+        shape = (batch, max_seq_len, kv_heads, head_dim)
+        c.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        c.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return c
+
+    @classmethod
     def shared_layers(cls, num_layers: int, batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device) -> "KVCache":
         """One layer's (uninitialised) buffers behind every layer: scratch for a cache-less forward, where

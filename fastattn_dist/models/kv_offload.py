@@ -329,8 +329,10 @@ class TieredLayerKV:
     def __init__(self, cache: TieredKVCache, layer: int, prefill_host: str) -> None:
         self.cache, self.layer, self.mode = cache, layer, prefill_host
 
-    def write_and_attend(self, q, k, v, b0, b1, start, mask, backend, out=None):
+    def write(self, b0, b1, start, k, v):
         self.cache.write_block(self.layer, b0, b1, start, k, v)
+
+    def attend_written(self, q, k, v, b0, b1, start, mask, backend, out=None):
         o = tiered_chunk_attention(self.cache, self.layer, b0, b1, q, k, v, start, mask.key_lengths, mask.window,
                                    self.mode).to(q.dtype)
         return o if out is None else out.copy_(o)

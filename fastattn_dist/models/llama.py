@@ -22,7 +22,7 @@ from ..lru import LRUCache
 from ..masks import Mask
 from ..parallel.comm import CommPath, group_world_rank
 from ..parallel.comm_paths import COMM_PATHS, make_comm
-from ..parallel.layers import VocabParallelEmbedding, VocabParallelLMHead
+from ..parallel.layers import TileStreams, VocabParallelEmbedding, VocabParallelLMHead
 from ..parallel.link_models import LinkModel
 from ..parallel.sharding import TPShape
 from ..parallel.tile_plan import TilePlan
@@ -39,7 +39,7 @@ from .kv_cache import KVCache
 from .kv_offload import (DEFAULT_PREFILL_CHUNK, OffloadPlan, TieredKVCache, kv_bytes_per_token, log_offload_plan,
                          reserve_bytes)
 from .layers import DecoderLayer, rms_norm
-from .prefill import SublayerChain, attention_step, mlp_step
+from .prefill import SCHEDULES, SublayerChain, attention_step, mlp_step
 
 MAX_PLANS = 64
 DEFAULT_MAX_SEQ_LEN = 4096  # the cache's length unless asked (generate grows it to fit prompt + new tokens)
@@ -60,13 +60,16 @@ class LlamaForCausalLM(nn.Module):
     ``comm``: "nccl" (the process group's all-reduce, gloo on CPU ranks), "copy_engine", or a comm object.
     ``max_seq_len``: the KV cache's length (default: the checkpoint's max_position_embeddings, capped at 4096).
     ``kv_offload``: "off", "auto" or a number of device tokens (kv_offload.py); ``prefill_chunk``: prefill in
-    chunks of this many tokens (default: whole prompts; 8192 with a host tier).
+    chunks of this many tokens (default: whole prompts; 8192 with a host tier). ``prefill_schedule``: how a
+    tiled prefill's tiles share a GPU (prefill.py): "wavefront" (each tile on its own stream, issued by
+    anti-diagonals), "one" (one stream), or "auto" (default: wavefront on GPUs).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, group=None, tiles="auto", max_seq_len: Optional[int] = None,
                  comm: Union[str, CommPath] = "nccl", link: Optional[LinkModel] = None, attn_backend: str = "auto",
-                 kv_offload="off", host_budget_gb: Optional[float] = None, prefill_chunk: Optional[int] = None) -> None:
+                 kv_offload="off", host_budget_gb: Optional[float] = None, prefill_chunk: Optional[int] = None,
+                 prefill_schedule: str = "auto") -> None:
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -95,6 +98,11 @@ class LlamaForCausalLM(nn.Module):
         if prefill_chunk is not None:
             check_positive_int("prefill_chunk", prefill_chunk)
         self.kv_offload, self.host_budget_gb, self.prefill_chunk = kv_offload, host_budget_gb, prefill_chunk
+        if prefill_schedule not in ("auto",) + SCHEDULES:
+            raise ValueError(f"prefill_schedule must be 'auto' or one of {SCHEDULES}, got {prefill_schedule!r}")
+        self.prefill_schedule = ("wavefront" if device.type == "cuda" else "one") if prefill_schedule == "auto" \
+            else prefill_schedule
+        self._tile_streams = TileStreams(device) if device.type == "cuda" else None
         self.kv_plan: Optional[OffloadPlan] = None  # where the current cache lives
         self.cache: Optional[Union[KVCache, TieredKVCache]] = None
         self._decode = None  # the decode strategy of the current cache (decode.py)
@@ -195,19 +203,23 @@ class LlamaForCausalLM(nn.Module):
         if S > self.max_seq_len:
             raise ValueError(f"the prompt has {S} tokens, more than max_seq_len={self.max_seq_len}")
         lengths = check_lengths(lengths, B, S, self.device)
-        h = self._prefill(ids, lengths, self._scratch_kv(B, S), 0, tiles)
+        waves = self.prefill_schedule == "wavefront" and self.plan_for(B, S, tiles).num_tiles > 1
+        h = self._prefill(ids, lengths, self._scratch_kv(B, S, per_layer=waves), 0, tiles)
         if not last_only:
             return self.logits(h).view(B, S, -1)
         last = (lengths if lengths is not None else torch.full((B,), S, dtype=torch.int64)).to(h.device) - 1
         return self.logits(h[torch.arange(B, device=h.device) * S + last])
 
-    def _scratch_kv(self, batch: int, seq: int) -> KVCache:
-        """Keys/values for a forward without a cache: layers run one after another and each reads only its own,
-        so every layer shares one layer's buffers, kept for the next call of the same shape."""
-        s, key = self.shape, (batch, seq, self.dtype)
+    def _scratch_kv(self, batch: int, seq: int, per_layer: bool = False) -> KVCache:
+        """Keys/values for a forward without a cache, kept for the next call of the same shape. Layers that run one
+        after another each read only their own, so every layer shares one layer's buffers; a wavefront prefill
+        (tiles of different layers at once) needs one per layer."""
+        s, key = self.shape, (batch, seq, self.dtype, per_layer)
         if self._scratch is None or self._scratch[0] != key:
-            self._scratch = (key, KVCache.shared_layers(len(self.layers), batch, seq, s.local_kv_heads, s.head_dim,
-                                                        self.dtype, self.device))
+            self._scratch = None  # free the old one first
+            make = KVCache.empty if per_layer else KVCache.shared_layers
+            self._scratch = (key, make(len(self.layers), batch, seq, s.local_kv_heads, s.head_dim, self.dtype,
+                                       self.device))
         return self._scratch[1]
 
     def _prefill(self, ids: torch.Tensor, lengths: Optional[torch.Tensor], kv, start: int, tiles) -> torch.Tensor:
@@ -227,7 +239,8 @@ class LlamaForCausalLM(nn.Module):
         with span(rec, "block", -1, BLOCK):  # the profiler's unit: one prefill
             with span(rec, "embed"):
                 h = self.embed_tokens(ids.reshape(-1))
-            handles = SublayerChain(self.comm, self.config.rms_norm_eps, rec).run(h, plan, steps)
+            chain = SublayerChain(self.comm, self.config.rms_norm_eps, rec, self._tile_streams, self.prefill_schedule)
+            handles = chain.run(h, plan, steps)
         if rec is not None:
             rec.comm(handles)
         return h

@@ -9,6 +9,10 @@ Per tile (the tiling-AllReduce pipeline):
   ``wait(handle)``             order the caller after that tile's all-reduce (the next sublayer's tile)
   ``wait_all(handles)``        order the caller after all of them
 
+A caller keeps a tile's tensor alive until it waited for its handle (``wait`` or ``wait_all``: the block and the
+sublayer chain do), so the paths need not ``record_stream`` it: under CUDA-graph capture a recorded stream
+keeps the allocator from reusing any of a prefill's freed buffers until the capture ends.
+
 Whole tensors (decode's all-reduces, the vocabulary-parallel embedding and LM head):
 
   ``all_reduce(t)``            sum ``t`` over the group in place; the caller's later work sees the sum
@@ -194,7 +198,6 @@ class ProcessGroupAllReduce:
             with on_comm_stream(h, self._stream, self.device, self._timing):
                 work = dist.all_reduce(tensor, group=self.group, async_op=True)
                 work.wait()  # the comm stream (not the host) waits for NCCL's stream
-            tensor.record_stream(self._stream)
             return h
         now = time.perf_counter()
         h.issue_time = now

@@ -155,8 +155,7 @@ class StandInAllReduce:
         h = CommHandle(tile, piece.numel() * piece.element_size())
         with on_comm_stream(h, self._stream, self.device, self._timing):
             self.issue(piece)
-        piece.record_stream(self._stream)
-        return h
+        return h  # the caller keeps ``piece`` alive until it waited for ``h`` (comm.py)
 
     def wait(self, handle: CommHandle) -> None:
         torch.cuda.current_stream(self.device).wait_event(handle.done)

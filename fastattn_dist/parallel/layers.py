@@ -169,15 +169,21 @@ class TiledRowParallelLinear(ShardedLinear):
                 if stream is not None and tile_streams == "staged":
                     produced = torch.cuda.Event()
                     produced.record()
-                with span(recorder, name, i):
-                    torch.matmul(x, self.weight.t(), out=partials[r0:r1])
+                handle = self.run_tile(i, r0, r1, x, partials, comm, recorder, name)
                 if stream is not None and tile_streams == "lead" and i == 0:
                     produced = torch.cuda.Event()  # tile 1 (and through it the rest) starts after tile 0's GEMM
                     produced.record()
-                handles.append(comm.start(partials[r0:r1], i, (r0, r1)))
+                handles.append(handle)
         if streams is not None:
             streams.join(main, n)
         return handles
+
+    def run_tile(self, i: int, r0: int, r1: int, x: torch.Tensor, partials: torch.Tensor, comm: CommPath,
+                 recorder=None, name: str = "o_proj") -> CommHandle:
+        """One tile: its partial sums ``partials[r0:r1] = x @ W^T``, then its all-reduce, issued at once."""
+        with span(recorder, name, i):
+            torch.matmul(x, self.weight.t(), out=partials[r0:r1])
+        return comm.start(partials[r0:r1], i, (r0, r1))
 
     def run_rows(self, x: torch.Tensor, comm: CommPath) -> torch.Tensor:
         """The whole layer at once on ``x`` ``[rows, in_features_local]``: GEMM, all-reduce, bias (decode)."""

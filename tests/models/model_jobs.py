@@ -76,3 +76,97 @@ def bad_model_call(rank, world, path, case):
         elif case == "float ids":
             model(torch.ones(1, 4))
     return "no error"
+
+
+class CountingComm:
+    """A comm path that counts what goes through it and passes everything on (parallel.comm.CommPath)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, {"start": 0, "all_reduce": 0, "all_gather": 0}
+        self.world_size, self.rank = inner.world_size, inner.rank
+
+    sm_fraction = property(lambda self: self.inner.sm_fraction)
+    model = property(lambda self: self.inner.model)
+
+    def enable_timing(self, on=True):
+        self.inner.enable_timing(on)
+
+    def prepare(self, out, slot=0):
+        return self.inner.prepare(out, slot)
+
+    def start(self, piece, tile, rows=None):
+        self.calls["start"] += 1
+        return self.inner.start(piece, tile, rows)
+
+    def wait(self, handle):
+        self.inner.wait(handle)
+
+    def wait_all(self, handles):
+        self.inner.wait_all(handles)
+
+    def all_reduce(self, t):
+        self.calls["all_reduce"] += 1
+        return self.inner.all_reduce(t)
+
+    def all_gather(self, t):
+        self.calls["all_gather"] += 1
+        return self.inner.all_gather(t)
+
+
+def counted_collectives(rank, world, path, tiles, steps):
+    """Prefill and ``steps`` decode steps with the model's collectives counted at the comm interface and at
+    torch.distributed itself (every one of the second must be one of the first)."""
+    import torch.distributed as dist
+
+    from fastattn_dist.models.llama import LlamaForCausalLM
+    from fastattn_dist.parallel.comm import ProcessGroupAllReduce
+
+    comm = CountingComm(ProcessGroupAllReduce())
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, comm=comm, tiles=tiles)
+    raw = {"all_reduce": 0, "all_gather": 0}
+    originals = {name: getattr(dist, name) for name in raw}
+
+    def counting(name):
+        def call(*a, **kw):
+            raw[name] += 1
+            return originals[name](*a, **kw)
+        return call
+    for name in raw:
+        setattr(dist, name, counting(name))
+    try:
+        ids = torch.tensor([[3, 17, 9, 40, 2, 77, 5, 11, 60, 8, 13]])
+        model.reset_cache(1, ids.shape[1] + steps + 1)
+        tok = model.prefill(ids).argmax(-1)
+        prefill = dict(comm.calls)
+        for _ in range(steps):
+            tok = model.decode_step(tok).argmax(-1)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return {"prefill": prefill, "all": dict(comm.calls), "raw": raw, "layers": len(model.layers),
+            "tiles": model.last_plan.num_tiles}
+
+
+def shard_state(rank, world, path, seed):
+    """This rank's shard of the checkpoint and of random weights (seed), as plain tensors."""
+    from fastattn_dist.models.llama import LlamaForCausalLM
+
+    ckpt = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rand = LlamaForCausalLM(ckpt.config, dtype=torch.float32)
+    rand.init_random_weights(seed)
+    return {"checkpoint": {k: v.clone() for k, v in ckpt.state_dict().items()},
+            "random": {k: v.clone() for k, v in rand.state_dict().items()}}
+
+
+def schedules_agree(rank, world, path, tiles):
+    """Prefill logits of the one-stream and the wavefront schedule (on CPU: the wavefront's issue order)."""
+    from fastattn_dist.models.llama import LlamaForCausalLM
+
+    ids = torch.tensor([[3, 17, 9, 40, 2, 77, 5, 11, 60, 8, 13, 90, 1], [4, 4, 8, 15, 16, 23, 42, 0, 0, 0, 0, 0, 0]])
+    out = {}
+    for schedule in ("one", "wavefront"):
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, tiles=tiles, prefill_schedule=schedule)
+        out[schedule] = model(ids, lengths=[13, 7])
+        model.reset_cache(2, 20)
+        out[schedule + "_cache"] = model.prefill(ids, lengths=[13, 7])
+    return out

@@ -162,3 +162,30 @@ def test_transformers_decode_rate_times_its_decode_steps_only():
 
     rate = hf_decode_tokens_per_s(hf, torch.ones(2, 9, dtype=torch.long), 5, torch.device("cpu"))
     assert calls == [(9, None)] + [(1, "cache")] * 5 and rate > 0
+
+
+def test_bench_model_emulates_one_rank_of_tp2_on_cpu(tiny, tmp_path):
+    """The code path of ``--emulate-tp`` on CPU (the simulated link as the stand-in): every plan runs, the tiled
+    prefill's last logits equal tiles=1's, the table says the comm is modelled. Not a measurement of speed."""
+    r = run_cli("bench-model", "--emulate-tp", "2", "--model", tiny, "--seq", "70", "--batch", "2", "--repeats", "1",
+                "--warmup", "0", "--decode-tokens", "3", "--tile-counts", "3", "--out", str(tmp_path), "--json")
+    out = last_json(r)
+    assert out["emulate_tp"] == 2 and out["weights"] == "the checkpoint's" and "simulated link" in out["comm"]
+    (row,) = out["rows"]
+    assert (row["batch"], row["seq"]) == (2, 70) and row["plans"]["t3"][-1] == 140
+    assert set(row["ms"]) == {"tiles1", "auto", "t3", "compute_tiles1", "compute_auto", "comm_tiles1", "comm_auto"}
+    assert all(v > 0 for v in row["ms"].values())
+    assert row["logits_rel_err"] < 1e-5 and row["ceiling_ms"] >= row["ms"]["compute_auto"]
+    assert out["decode"][0]["tokens_per_s"] > 0 and out["decode"][0]["bound_by"] in ("memory", "comm")
+    assert "Comm is modelled, not measured" in r.stdout
+    assert (tmp_path / "bench_emulated_tp2_ckpt.json").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--emulate-tp", "3"], "divisible"),
+    (["--emulate-tp", "2", "--context", "64"], "--emulate-tp times"),
+    (["--seq", "64", "128"], "--seq takes one length"),
+    (["--model", "70b"], "needs a GPU"),
+])
+def test_bench_model_emulation_bad_input_is_one_line(tiny, args, match):
+    assert_one_line_error("bench-model", tiny, args, match)

@@ -1,0 +1,63 @@
+"""The model's collectives all go through the comm interface, and an emulated rank holds what a real one holds."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import model_jobs by name
+
+from fastattn_dist import spawn_ranks  # noqa: E402
+from fastattn_dist.models import tiny_checkpoint  # noqa: E402
+from model_jobs import counted_collectives, shard_state  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_every_collective_of_prefill_and_decode_goes_through_the_comm_interface(tiny, tiles):
+    steps = 3
+    for r in spawn_ranks(counted_collectives, 2, (tiny, tiles, steps), timeout_s=60):
+        L, T = r["layers"], r["tiles"]
+        assert T == tiles
+        # prefill: one all-reduce per tile and sublayer, the embedding's, the LM head's gather
+        assert r["prefill"] == {"start": 2 * L * T, "all_reduce": 1, "all_gather": 1}
+        # decode: per step two all-reduces per layer, the embedding's, and the gather
+        assert r["all"] == {"start": 2 * L * T, "all_reduce": 1 + steps * (2 * L + 1), "all_gather": 1 + steps}
+        # torch.distributed saw exactly these, none beside the interface
+        assert r["raw"] == {"all_reduce": r["all"]["start"] + r["all"]["all_reduce"],
+                            "all_gather": r["all"]["all_gather"]}
+
+
+def test_an_emulated_rank_holds_the_shard_of_rank_0_of_a_real_run(tiny):
+    """The same checkpoint slices, and the same random weights, as rank 0 of a real TP=2 run."""
+    from fastattn_dist.models.llama import LlamaForCausalLM
+    from fastattn_dist.parallel.emulated_comm import LinkStandIn
+    from fastattn_dist.parallel.link_models import LinkModel
+
+    real = spawn_ranks(shard_state, 2, (tiny, 7), timeout_s=60)[0]
+    emulated = LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float32, comm=LinkStandIn(2, LinkModel()))
+    rand = LlamaForCausalLM(emulated.config, dtype=torch.float32, comm=LinkStandIn(2, LinkModel()))
+    rand.init_random_weights(7)
+    for name, got in (("checkpoint", emulated.state_dict()), ("random", rand.state_dict())):
+        want = real[name]
+        assert set(got) == set(want)
+        for k, t in got.items():
+            assert torch.equal(t, want[k]), (name, k)
+    assert emulated.shape.local_heads * 2 == emulated.config.num_attention_heads  # half of the heads: a shard
+
+
+@pytest.mark.parametrize("world,tiles", [(1, 3), (2, 4)])
+def test_the_wavefront_schedule_computes_what_the_one_stream_schedule_does(tiny, world, tiles):
+    """Tiles issued by anti-diagonals (sublayer k of tile i beside sublayer k + 1 of tile i - 1) through two
+    alternating output buffers, a padded batch whose tiles cut sequences: the same logits, bit for bit."""
+    from model_jobs import schedules_agree
+
+    for r in spawn_ranks(schedules_agree, world, (tiny, tiles), timeout_s=60):
+        assert torch.equal(r["one"], r["wavefront"]) and torch.equal(r["one_cache"], r["wavefront_cache"])
+    with pytest.raises(ValueError, match="prefill_schedule"):
+        from fastattn_dist.models.llama import LlamaForCausalLM
+        LlamaForCausalLM.from_pretrained(tiny, prefill_schedule="zigzag")

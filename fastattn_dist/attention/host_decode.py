@@ -37,7 +37,6 @@ LAYOUTS = ("bthd", "bhtd")
 IMPLS = ("auto", "compiled", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 # -- the C++ kernel ------------------------------------------------------------------------------------------
 # Scores are kept in the log2 domain (q is pre-scaled by scale * log2(e)) so the softmax uses exp2, which is a
@@ -50,6 +49,7 @@ _KERNEL_SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
@@ -322,10 +322,29 @@ void attend_block(const float* q, int G, int D, const E* k, int64_t k_st, const 
 // block by block, instead of every thread striding through pages that hold every head.
 struct Item { int64_t b, h0, h1, t0, t1, chunk_index; };
 
+// The query rows as the caller holds them (any of the three dtypes, strided), read once into fp32, scaled.
+struct Query {
+    const void* p; int dtype; int64_t sb, sh; float scale;
+    float at(int64_t b, int64_t h, int d) const {
+        const int64_t i = b * sb + h * sh + d;
+        float x;
+        if (dtype == 0) x = ((const float*)p)[i];
+        else if (dtype == 1) { uint32_t bits = (uint32_t)((const uint16_t*)p)[i] << 16; std::memcpy(&x, &bits, 4); }
+        else x = half_to_float(((const uint16_t*)p)[i]);
+        return x * scale;
+    }
+};
+
 template <typename E>
-void run(const float* q, const E* k, const int64_t* ks, const E* v, const int64_t* vs, const int64_t* lengths,
-         int64_t B, int64_t H, int G, int D, float* out, float* lse, int64_t chunk, int64_t heads_per_item,
-         int threads) {
+void run(const Query& q, const E* k, const int64_t* ks, const E* v, const int64_t* vs, const int64_t* lengths,
+         int64_t B, int64_t H, int G, int D, float* out, float* lse, int64_t heads_per_item, int threads) {
+    // Keys per item: about 8 items per thread (dynamic scheduling evens out busy cores and ragged lengths), at
+    // least 256 key rows per item so its fixed cost stays small, whole blocks.
+    int64_t key_rows = 0;
+    for (int64_t b = 0; b < B; ++b) key_rows += lengths[b] * H;
+    int64_t chunk = std::max((256 + heads_per_item - 1) / heads_per_item,
+                             (key_rows + 8 * threads * heads_per_item - 1) / (8 * threads * heads_per_item));
+    chunk = (chunk + BLOCK - 1) / BLOCK * BLOCK;
     // partial results per (b, h, chunk), at slot base[b] + h * chunks[b] + chunk
     std::vector<int64_t> chunks(B), base(B + 1, 0);
     for (int64_t b = 0; b < B; ++b) {
@@ -339,30 +358,35 @@ void run(const float* q, const E* k, const int64_t* ks, const E* v, const int64_
                 items.push_back({b, h0, std::min(H, h0 + heads_per_item), c * chunk,
                                  std::min(lengths[b], (c + 1) * chunk), c});
     const int64_t n_items = (int64_t)items.size(), row = (int64_t)G * (D + 2), rows = B * H * G;
-    std::vector<float> partial((size_t)std::max<int64_t>(base[B], 1) * row);
-    std::vector<float> qp((size_t)rows * D);   // the queries in pair order
+    // left uninitialised: every slot is written by its item, every query row below
+    std::unique_ptr<float[]> partial_buf(new float[std::max<int64_t>(base[B], 1) * row]);
+    std::unique_ptr<float[]> qp(new float[rows * D]);   // the queries, scaled, in pair order
+    float* partial = partial_buf.get();
     std::vector<int> order(D);
     for (int d = 0; d < D; ++d) order[d] = pair_index<E>(d);
     const float LN2 = 0.6931471805599453f;
+    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, std::max(n_items, B * H)));
 
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-            for (int d = 0; d < D; ++d) qp[r * D + order[d]] = q[r * D + d];
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t b = r / (H * G), hq = r % (H * G);
+            for (int d = 0; d < D; ++d) qp[r * D + order[d]] = q.at(b, hq, d);
+        }
         std::vector<float> s((size_t)G * BLOCK + W);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_items; ++i) {
             const Item& it = items[i];
             for (int64_t h = it.h0; h < it.h1; ++h) {
-                float* pm = partial.data() + (base[it.b] + h * chunks[it.b] + it.chunk_index) * row;
+                float* pm = partial + (base[it.b] + h * chunks[it.b] + it.chunk_index) * row;
                 for (int g = 0; g < G; ++g) { pm[g] = NEG_INF; pm[G + g] = 0.f; }
                 std::fill(pm + 2 * G, pm + row, 0.f);
             }
             for (int64_t t0 = it.t0; t0 < it.t1; t0 += BLOCK) {
                 const int nb = (int)std::min<int64_t>(BLOCK, it.t1 - t0);
                 for (int64_t h = it.h0; h < it.h1; ++h) {
-                    float* pm = partial.data() + (base[it.b] + h * chunks[it.b] + it.chunk_index) * row;
+                    float* pm = partial + (base[it.b] + h * chunks[it.b] + it.chunk_index) * row;
                     // prefetch what this item reads next: the same head PF_DIST keys on when an item is one head,
                     // else the next head's rows of this block (the next block's first head after the last)
                     int64_t k_pf = PF_DIST * ks[1], v_pf = PF_DIST * vs[1];
@@ -370,7 +394,7 @@ void run(const float* q, const E* k, const int64_t* ks, const E* v, const int64_
                         k_pf = h + 1 < it.h1 ? ks[2] : BLOCK * ks[1] - (h - it.h0) * ks[2];
                         v_pf = h + 1 < it.h1 ? vs[2] : BLOCK * vs[1] - (h - it.h0) * vs[2];
                     }
-                    attend_block(qp.data() + (it.b * H + h) * G * D, G, D, k + it.b * ks[0] + h * ks[2] + t0 * ks[1],
+                    attend_block(qp.get() + (it.b * H + h) * G * D, G, D, k + it.b * ks[0] + h * ks[2] + t0 * ks[1],
                                  ks[1], v + it.b * vs[0] + h * vs[2] + t0 * vs[1], vs[1], nb, pm, pm + G, pm + 2 * G,
                                  s.data(), k_pf, v_pf);
                 }
@@ -388,7 +412,7 @@ void run(const float* q, const E* k, const int64_t* ks, const E* v, const int64_
                 if (M == NEG_INF) { lse[bh * G + g] = NEG_INF; continue; }
                 float L = 0.f;
                 for (int64_t i = first; i < last; ++i) {
-                    const float* pm = partial.data() + i * row;
+                    const float* pm = partial + i * row;
                     float w = std::exp2(pm[g] - M);
                     L += w * pm[G + g];
                     const float* a = pm + 2 * G + (size_t)g * D;
@@ -405,20 +429,23 @@ void run(const float* q, const E* k, const int64_t* ks, const E* v, const int64_
 }  // namespace
 
 // Pointers come from the Python wrapper, which has checked shapes, dtypes and strides and keeps the tensors
-// alive for the call. q: fp32 [B, H, G, D] contiguous, scaled by scale * log2(e); k/v strides (elements) of
-// (sequence, key, kv head), unit stride over D; lengths int64 [B]; out fp32 [B, H*G, D], lse fp32 [B, H*G].
-void host_decode(uintptr_t q, uintptr_t k, int64_t k_sb, int64_t k_st, int64_t k_sh, uintptr_t v, int64_t v_sb,
-                 int64_t v_st, int64_t v_sh, int dtype, uintptr_t lengths, int64_t B, int64_t H, int64_t G,
-                 int64_t D, uintptr_t out, uintptr_t lse, int64_t chunk, int64_t heads_per_item, int threads) {
+// alive for the call. q [B, 1, H*G, D] with strides q_sb, q_sh (elements; unit stride over D), scaled here by
+// scale_log2 = scale * log2(e); k/v strides (elements) of (sequence, key, kv head), unit stride over D; dtype
+// codes 0 fp32, 1 bf16, 2 fp16; lengths int64 [B]; out fp32 [B, H*G, D] and lse fp32 [B, H*G], contiguous.
+void host_decode(uintptr_t q, int q_dtype, int64_t q_sb, int64_t q_sh, double scale_log2, uintptr_t k, int64_t k_sb,
+                 int64_t k_st, int64_t k_sh, uintptr_t v, int64_t v_sb, int64_t v_st, int64_t v_sh, int dtype,
+                 uintptr_t lengths, int64_t B, int64_t H, int64_t G, int64_t D, uintptr_t out, uintptr_t lse,
+                 int64_t heads_per_item, int threads) {
     if (D % (2 * W) != 0) throw std::invalid_argument("head_dim must be a multiple of twice the vector width");
+    if (q_dtype < 0 || q_dtype > 2) throw std::invalid_argument("unknown dtype code");
+    const Query qr{(const void*)q, q_dtype, q_sb, q_sh, (float)scale_log2};
     const int64_t ks[3] = {k_sb, k_st, k_sh}, vs[3] = {v_sb, v_st, v_sh};
-    auto qp = (const float*)q;
     auto lp = (const int64_t*)lengths;
     auto op = (float*)out;
     auto lsep = (float*)lse;
-    if (dtype == 0) run(qp, (const float*)k, ks, (const float*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, chunk, heads_per_item, threads);
-    else if (dtype == 1) run(qp, (const bf16_t*)k, ks, (const bf16_t*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, chunk, heads_per_item, threads);
-    else if (dtype == 2) run(qp, (const fp16_t*)k, ks, (const fp16_t*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, chunk, heads_per_item, threads);
+    if (dtype == 0) run(qr, (const float*)k, ks, (const float*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
+    else if (dtype == 1) run(qr, (const bf16_t*)k, ks, (const bf16_t*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
+    else if (dtype == 2) run(qr, (const fp16_t*)k, ks, (const fp16_t*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
     else throw std::invalid_argument("unknown dtype code");
 }
 
@@ -528,7 +555,7 @@ def _check_inputs(q, k, v, key_lengths, layout, scale, threads, impl) -> torch.T
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D, got shape {list(t.shape)}")
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             raise ValueError(f"{name} must be a CPU tensor (the host tier), got one on {t.device}")
         if t.dtype not in _DTYPE_CODE:
             raise TypeError(f"{name} must be bf16, fp16 or fp32, got {t.dtype}")
@@ -566,12 +593,15 @@ def _check_inputs(q, k, v, key_lengths, layout, scale, threads, impl) -> torch.T
         key_lengths = torch.tensor(key_lengths, dtype=torch.int64)
     if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
         raise TypeError(f"key_lengths must be an integer tensor, got {key_lengths.dtype}")
-    if key_lengths.device.type != "cpu":
+    if not key_lengths.is_cpu:
         raise ValueError(f"key_lengths must be a CPU tensor, got one on {key_lengths.device}")
     if key_lengths.shape != (B,):
         raise ValueError(f"key_lengths must have shape [{B}], got {list(key_lengths.shape)}")
-    lengths = key_lengths.to(torch.int64).contiguous()
-    lo, hi = int(lengths.min()), int(lengths.max())
+    lengths = key_lengths
+    if lengths.dtype != torch.int64 or not lengths.is_contiguous():
+        lengths = lengths.to(torch.int64).contiguous()
+    values = lengths.tolist()   # a few ints: cheaper than reductions
+    lo, hi = (min(values), max(values)) if values else (0, 0)
     if lo < 0 or hi > T:
         raise ValueError(f"key_lengths must lie in [0, {T}] (the keys given), got min {lo}, max {hi}")
     return lengths
@@ -623,29 +653,23 @@ def _torch_decode(q, k, v, lengths, layout, scale, chunk: Optional[int] = None):
     return out.reshape(B, 1, Hq, D), lse.reshape(B, Hq, 1)
 
 
-def chunk_keys(lengths: torch.Tensor, kv_heads: int, heads_per_item: int, threads: int) -> int:
-    """Keys per work item of the compiled kernel: about 8 items per thread (dynamic scheduling evens out busy
-    cores and ragged lengths), at least 256 key rows per item so its fixed cost stays small, whole blocks."""
-    rows = int(lengths.sum()) * kv_heads
-    chunk = max(-(-256 // heads_per_item), -(-rows // (8 * threads * heads_per_item)))
-    return -(-chunk // 64) * 64
-
-
 def _compiled_decode(mod, q, k, v, lengths, layout, scale, threads, heads_per_item=None):
     B, _, Hq, D = q.shape
     Hkv = k.shape[2] if layout == "bthd" else k.shape[1]
-    G = Hq // Hkv
     # key-major: an item takes every head of its keys, so it reads one contiguous region
     heads_per_item = heads_per_item or (Hkv if layout == "bthd" else 1)
-    qg = (q.reshape(B, Hkv, G, D).to(torch.float32) * (scale * _LOG2E)).contiguous()
+    if q.stride(3) != 1:
+        q = q.contiguous()
     out = torch.empty(B, 1, Hq, D)
     lse = torch.empty(B, Hq, 1)
-
-    def strides(t):  # (sequence, key, kv head) in elements
-        return (t.stride(0), t.stride(1), t.stride(2)) if layout == "bthd" else (t.stride(0), t.stride(2), t.stride(1))
-    mod.host_decode(qg.data_ptr(), k.data_ptr(), *strides(k), v.data_ptr(), *strides(v), _DTYPE_CODE[k.dtype],
-                    lengths.data_ptr(), B, Hkv, G, D, out.data_ptr(), lse.data_ptr(),
-                    chunk_keys(lengths, Hkv, heads_per_item, threads), heads_per_item, threads)
+    ks, vs = k.stride(), v.stride()
+    if layout == "bthd":   # (sequence, key, kv head) in elements
+        k_strides, v_strides = (ks[0], ks[1], ks[2]), (vs[0], vs[1], vs[2])
+    else:
+        k_strides, v_strides = (ks[0], ks[2], ks[1]), (vs[0], vs[2], vs[1])
+    mod.host_decode(q.data_ptr(), _DTYPE_CODE[q.dtype], q.stride(0), q.stride(2), scale * _LOG2E,
+                    k.data_ptr(), *k_strides, v.data_ptr(), *v_strides, _DTYPE_CODE[k.dtype],
+                    lengths.data_ptr(), B, Hkv, Hq // Hkv, D, out.data_ptr(), lse.data_ptr(), heads_per_item, threads)
     return out, lse
 
 

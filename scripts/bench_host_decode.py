@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per case after 3 runs (default 2)")
     ap.add_argument("--old-max-gib", type=float, default=2.0,
                     help="run the old path only where K/V is at most this many GiB (it is 10-100x slower)")
+    ap.add_argument("--max-seconds", type=float, default=165.0,
+                    help="skip the torch and old paths, then whole cases, past this many seconds (default 165)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
           f"(median of {len(bw_runs)}: {', '.join(f'{r:.1f}' for r in bw_runs)})\n")
 
     old = old_host_attention() if "old" in args.impls else None
-    results = []
+    results, skipped = [], []
     print("| model | batch | keys | layout | impl | ms | GB/s of K/V | x bandwidth | vs torch |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
@@ -130,6 +132,9 @@ def main(argv=None) -> int:
                 q = torch.empty(batch, 1, hq, d).uniform_(-1, 1).to(torch.bfloat16)
                 lengths = torch.full((batch,), keys, dtype=torch.int64)
                 for layout in args.layouts:
+                    if time.perf_counter() - t_start > args.max_seconds:
+                        skipped.append(f"{model} batch {batch} {keys} keys {layout}")
+                        continue
                     shape = (batch, keys, hkv, d) if layout == "bthd" else (batch, hkv, keys, d)
                     k = torch.empty(shape, dtype=torch.bfloat16).uniform_(-1, 1)
                     v = torch.empty(shape, dtype=torch.bfloat16).uniform_(-1, 1)
@@ -143,6 +148,9 @@ def main(argv=None) -> int:
                         too_big = nbytes > args.old_max_gib * (1 << 30)
                         if impl == "old" and (old is None or layout != "bthd" or too_big):
                             continue  # the old path takes the cache's current [B, T, H, D] only
+                        if impl != "compiled" and time.perf_counter() - t_start > 0.8 * args.max_seconds:
+                            skipped.append(f"{model} batch {batch} {keys} keys {layout} {impl}")
+                            continue
                         if impl == "old":
                             fn = lambda: old(q, k, v, lengths)  # noqa: E731
                         else:
@@ -164,13 +172,15 @@ def main(argv=None) -> int:
                               + (f"{diff:.1e}" if diff is not None else "") + " |", flush=True)
                     del k, v, outs
     total = time.perf_counter() - t_start
+    if skipped:
+        print(f"\nskipped past the time budget (--max-seconds {args.max_seconds:g}): " + "; ".join(skipped))
     print(f"\n(x bandwidth: GB/s of K/V over the x.sum() bandwidth above; vs torch: max |out - torch out| / "
           f"max |torch out|; old: bthd only, K/V <= {args.old_max_gib:g} GiB; {total:.0f} s in all)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date": str(datetime.date.today()), "machine": machine, "bandwidth_gbps": bw,
                        "bandwidth_runs_gbps": bw_runs, "bandwidth_gib": args.gib, "results": results,
-                       "seconds": total}, f, indent=1)
+                       "skipped": skipped, "seconds": total}, f, indent=1)
         print(f"wrote {args.out}")
     return 0
 

@@ -43,7 +43,6 @@ _LOG2E = 1.4426950408889634
 # shift and a polynomial. VEC_WIDTH (floats per vector) defaults to the widest the compiler targets.
 _KERNEL_SOURCE = r"""
 #include <pybind11/pybind11.h>
-#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -84,7 +83,6 @@ static_assert(W == 4 || W == 8 || W == 16, "vector width must be 4, 8 or 16 floa
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
-typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef int32_t vi4 __attribute__((vector_size(16)));
 
@@ -443,9 +441,13 @@ void host_decode(uintptr_t q, int q_dtype, int64_t q_sb, int64_t q_sh, double sc
     auto lp = (const int64_t*)lengths;
     auto op = (float*)out;
     auto lsep = (float*)lse;
-    if (dtype == 0) run(qr, (const float*)k, ks, (const float*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
-    else if (dtype == 1) run(qr, (const bf16_t*)k, ks, (const bf16_t*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
-    else if (dtype == 2) run(qr, (const fp16_t*)k, ks, (const fp16_t*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
+    auto go = [&](auto elem) {
+        using E = decltype(elem);
+        run(qr, (const E*)k, ks, (const E*)v, vs, lp, B, H, (int)G, (int)D, op, lsep, heads_per_item, threads);
+    };
+    if (dtype == 0) go(float{});
+    else if (dtype == 1) go(bf16_t{});
+    else if (dtype == 2) go(fp16_t{});
     else throw std::invalid_argument("unknown dtype code");
 }
 

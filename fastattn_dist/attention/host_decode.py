@@ -67,6 +67,9 @@ _KERNEL_SOURCE = r"""
 #ifndef PF_DIST
 #define PF_DIST 64          // keys ahead that a head-major item prefetches its K and V rows (0: none)
 #endif
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 3       // __builtin_prefetch locality: 3 = into L1
+#endif
 #ifndef BLOCK_KEYS
 #define BLOCK_KEYS 64       // keys per inner block: one block of K and of V (64 x 128 x 2 bytes each) stay in L1
 #endif
@@ -196,7 +199,7 @@ inline void score_tile(const float* q, int D, const E* k, int64_t k_st, float* s
         for (int j = 0; j < KEY_TILE; ++j) acc[g][j] = splat(0.f);
     if (pf)  // rows read later, pf elements on: their misses overlap this arithmetic
         for (int j = 0; j < KEY_TILE; ++j)
-            for (int b = 0; b < D * (int)sizeof(E); b += 64) __builtin_prefetch((const char*)(k + j * k_st + pf) + b);
+            for (int b = 0; b < D * (int)sizeof(E); b += 64) __builtin_prefetch((const char*)(k + j * k_st + pf) + b, 0, PF_LOCALITY);
     for (int d = 0; d < D; d += 2 * W) {
         vf qa[GB], qb[GB];
         for (int g = 0; g < GB; ++g) { qa[g] = load(q + g * D + d); qb[g] = load(q + g * D + d + W); }
@@ -238,7 +241,7 @@ inline void value_tile(const float* p, const E* v, int64_t v_st, int n, int D, i
     for (int t = 0; t < n; ++t) {
         const E* vt = v + t * v_st + d0;
         if (pf && d0 == 0)
-            for (int b = 0; b < D * (int)sizeof(E); b += 64) __builtin_prefetch((const char*)(vt + pf) + b);
+            for (int b = 0; b < D * (int)sizeof(E); b += 64) __builtin_prefetch((const char*)(vt + pf) + b, 0, PF_LOCALITY);
         vf x[2 * R];
         for (int r = 0; r < R; ++r) load2(vt + 2 * r * W, x[2 * r], x[2 * r + 1]);
         for (int g = 0; g < GB; ++g) {

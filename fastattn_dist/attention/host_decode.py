@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import threading
 from typing import Optional, Tuple
 
@@ -495,8 +496,7 @@ def _native_flags() -> list:
 
 
 def _missing_toolchain() -> Optional[str]:
-    import shutil
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # pulls in setuptools and the build machinery: only to build
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH)"
@@ -508,7 +508,7 @@ def _missing_toolchain() -> Optional[str]:
 def _build(vec_width: Optional[int] = None):
     """Compile (or load from torch's per-user extension cache) the kernel; ``vec_width`` forces the vector
     width (tests use it to run the AVX-512 code shape on narrower CPUs). Raises on any failure."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # pulls in setuptools and the build machinery: only to build
     cflags = ["-O3", "-fopenmp", *_native_flags()]
     if vec_width is not None:
         cflags.append(f"-DVEC_WIDTH={int(vec_width)}")

@@ -72,7 +72,7 @@ def imports():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 targets = resolve(name, is_pkg, node)
-                ext = [] if targets else [node.module or ""]
+                ext = [] if targets else [f"{node.module}.{a.name}" for a in node.names]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if a.name in MODULES]
                 ext = [a.name for a in node.names if a.name not in MODULES]

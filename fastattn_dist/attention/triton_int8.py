@@ -23,8 +23,10 @@ masked / unmasked stages, query-row ranges at ``q_offset``, GQA through ``h // G
 q and ``out``, optional LSE. Per key block:
 
     s   = dot8(q8, k8^T) * q_scale[:, None] * k_scale[None, :]        (int32 -> fp32 exact, base 2)
-    p   = exp2(s - m_new);  P8 = round(p * 127) | fp8(p * 448);  l += rowsum(P8)
-    acc = acc * alpha + dot8(P8, v8)                                  (a fresh accumulator per block:
+    p   = exp2(s - m_blk);  P8 = round(p * 127) | fp8(p * 448)      (m_blk: the block's row max, or
+                                                                       the running one: P_BLOCK_MAX)
+    l   = l * alpha + rowsum(P8) * beta                               (beta = exp2(m_blk - m_new))
+    acc = acc * alpha + dot8(P8, v8) * beta                           (a fresh accumulator per block:
                                                                        Hopper's fp8 MMA accumulates
                                                                        in reduced precision)
     out = acc * v_scale / l
@@ -204,8 +206,8 @@ def _kv_quantize(K, V, KL, KMEAN, VINV, K8, KSC, VT, Sk, Sk_pad, Hkv,
 def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
                  lo, hi, q_pos, window,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
-                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """One key block [start_n, start_n + BLOCK_N): 8-bit scores, online softmax, 8-bit P @ V."""
     k_pos = start_n + tl.arange(0, BLOCK_N)
     # keys outside [lo, hi) are invisible to every row: masked loads never read them
@@ -232,23 +234,37 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         if HAS_WINDOW:
             vis = vis & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_blk = tl.max(s, 1)
+        m_new = tl.maximum(m_i, m_blk)
         # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
+        if P_BLOCK_MAX:
+            p = tl.math.exp2(s - tl.where(m_blk == float("-inf"), 0.0, m_blk)[:, None])
+            beta = tl.math.exp2(m_blk - m_use)
+        else:
+            p = tl.math.exp2(s - m_use[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        m_blk = tl.max(s, 1)
+        m_new = tl.maximum(m_i, m_blk)
         alpha = tl.math.exp2(m_i - m_new)
+        if P_BLOCK_MAX:
+            p = tl.math.exp2(s - m_blk[:, None])
+            beta = tl.math.exp2(m_blk - m_new)
+        else:
+            p = tl.math.exp2(s - m_new[:, None])
     # P in [0, 1] at a fixed scale; the row sum counts the quantized weights P @ V will use
     if PV_FP8:
         p8 = _to_8bit(p * 448.0, True, INTERPRET)
-        l_i = l_i * alpha + tl.sum(p8.to(tl.float32), 1)
+        p_sum = tl.sum(p8.to(tl.float32), 1)
     else:
         pr = tl.floor(p * 127.0 + 0.5)
         p8 = pr.to(tl.int8)
-        l_i = l_i * alpha + tl.sum(pr, 1)
+        p_sum = tl.sum(pr, 1)
+    if P_BLOCK_MAX:
+        l_i = l_i * alpha + p_sum * beta
+    else:
+        l_i = l_i * alpha + p_sum
     if USE_TMA:
         v = v_desc.load([v_row0, start_n])  # [D_PAD, BLOCK_N]; beyond the keys: zeros (pass 3, TMA fill)
     elif MASKED:
@@ -259,7 +275,10 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         pv = tl.dot(p8, tl.trans(v))
     else:
         pv = tl.dot(p8, tl.trans(v), out_dtype=tl.int32).to(tl.float32)  # 127^2 * BLOCK_N < 2^24: exact
-    acc = acc * alpha[:, None] + pv
+    if P_BLOCK_MAX:
+        acc = acc * alpha[:, None] + pv * beta[:, None]
+    else:
+        acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
 
 
@@ -267,8 +286,8 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
 def _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
                  start, end, lo, hi, q_pos, window,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
-                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """Key blocks [start, end) in steps of BLOCK_N; MASKED applies the mask element-wise."""
     if INTERPRET:
         # the interpreter cannot take tensor bounds in range(): same body, while loop
@@ -276,14 +295,14 @@ def _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc
         while start_n < end:
             acc, l_i, m_i = _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc,
                                          k_row0, v_row0, lo, hi, q_pos, window, MASKED, IS_CAUSAL, HAS_WINDOW,
-                                         USE_TMA, QK_FP8, PV_FP8, BLOCK_N, D_PAD, INTERPRET)
+                                         USE_TMA, QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
             start_n += BLOCK_N
     else:
         for start_n in tl.range(start, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc,
                                          k_row0, v_row0, lo, hi, q_pos, window, MASKED, IS_CAUSAL, HAS_WINDOW,
-                                         USE_TMA, QK_FP8, PV_FP8, BLOCK_N, D_PAD, INTERPRET)
+                                         USE_TMA, QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
     return acc, l_i, m_i
 
 
@@ -296,7 +315,7 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
                TUNE_Q, TUNE_K, TUNE_BH,  # autotune key only (bucketed sizes)
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_KEY_LENGTHS: tl.constexpr, RETURN_LSE: tl.constexpr, QK_FP8: tl.constexpr,
-               PV_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+               PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
                INTERPRET: tl.constexpr = False):
     # heads on axis 0, query blocks on axis 1 in reverse (costliest causal blocks first; programs of
     # one KV group side by side so their K/V reads hit L2), as in triton_fa.py
@@ -317,18 +336,18 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
     kv_len = Sk
     if HAS_KEY_LENGTHS:
         kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
-    p_min = q_offset + m0
-    p_max = q_offset + tl.minimum(m0 + BLOCK_M, Sq) - 1
+    pos_min = q_offset + m0
+    pos_max = q_offset + tl.minimum(m0 + BLOCK_M, Sq) - 1
     hi = kv_len
     full_hi = kv_len
     if IS_CAUSAL:
-        hi = tl.minimum(hi, p_max + 1)
-        full_hi = tl.minimum(full_hi, p_min + 1)
+        hi = tl.minimum(hi, pos_max + 1)
+        full_hi = tl.minimum(full_hi, pos_min + 1)
     lo = 0
     full_lo = 0
     if HAS_WINDOW:
-        lo = tl.maximum(p_min - window + 1, 0)
-        full_lo = tl.maximum(p_max - window + 1, 0)
+        lo = tl.maximum(pos_min - window + 1, 0)
+        full_lo = tl.maximum(pos_max - window + 1, 0)
     # stage 1 (masked): [s1, e1); stage 2 (no mask): whole blocks in [full_lo, full_hi); stage 3: [e2, hi)
     s1 = (lo // BLOCK_N) * BLOCK_N
     s2 = tl.maximum(s1, ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
@@ -366,13 +385,13 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
     if HAS_WINDOW:
         acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
                                      s1, e1, lo, hi, q_pos, window, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
-                                     QK_FP8, PV_FP8, BLOCK_N, D_PAD, INTERPRET)
+                                     QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
     acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
                                  s2, e2, lo, hi, q_pos, window, False, IS_CAUSAL, HAS_WINDOW, USE_TMA,
-                                 QK_FP8, PV_FP8, BLOCK_N, D_PAD, INTERPRET)
+                                 QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
     acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
                                  e2, hi, lo, hi, q_pos, window, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
-                                 QK_FP8, PV_FP8, BLOCK_N, D_PAD, INTERPRET)
+                                 QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
 
     # -- epilogue: the fixed P scale cancels in acc / l; rows with no visible key give 0, lse -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -459,7 +478,7 @@ def _max_smem(device) -> int:
 
 
 _KEY = ["TUNE_Q", "TUNE_K", "TUNE_BH", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KEY_LENGTHS", "RETURN_LSE",
-        "QK_FP8", "PV_FP8"]
+        "QK_FP8", "PV_FP8", "P_BLOCK_MAX"]
 _TUNERS = {}
 
 
@@ -577,7 +596,8 @@ def _pinned_config(interp: bool, config: Optional[dict]):
 
 def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, *, q_offset: int = 0,
                                   scale: Optional[float] = None, return_lse: bool = False,
-                                  out: Optional[torch.Tensor] = None, config: Optional[dict] = None):
+                                  out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                                  p_max: str = "block"):
     """Pass 4 alone: q [B, Sq, Hq, D] (16/32 bit, any strides; quantized in the kernel) against a
     QuantizedKV. ``config``: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA"} pins the
     launch (the benchmark times configs this way); otherwise autotuned on the GPU."""
@@ -593,6 +613,7 @@ def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, 
     precision = {("int8", "int8"): "int8", ("fp8", "fp8"): "fp8", ("int8", "fp8"): "int8-fp8"}[(kv.qk_fmt, kv.pv_fmt)]
     _check_device(q, precision)
     qz.check_out(out, q)
+    qz.check_p_max(p_max)
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
     sm = qz.softmax_scale(scale, D)
@@ -609,7 +630,7 @@ def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, 
     strides = (*q.stride(), *out.stride())
     meta = dict(HEAD_DIM=D, D_PAD=dp, IS_CAUSAL=bool(mask.causal), HAS_WINDOW=window > 0,
                 HAS_KEY_LENGTHS=kl is not None, RETURN_LSE=return_lse, QK_FP8=kv.qk_fmt == "fp8",
-                PV_FP8=kv.pv_fmt == "fp8")
+                PV_FP8=kv.pv_fmt == "fp8", P_BLOCK_MAX=p_max == "block")
     scalars = (Sq, Sk, kv.v_t.shape[3], Hq, Hkv, Hq // Hkv, int(q_offset), int(window), sm * LOG2E,
                _pow2_bucket(Sq), _pow2_bucket(Sk), _pow2_bucket(B * Hq))
 
@@ -639,16 +660,17 @@ def triton_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                q_offset: int = 0, precision: str = "int8", smooth_k: bool = True,
                                return_lse: bool = False, out: Optional[torch.Tensor] = None,
                                scale: Optional[float] = None, v_granularity: str = "channel",
-                               config: Optional[dict] = None):
+                               config: Optional[dict] = None, p_max: str = "block"):
     """8-bit attention on the device, the ``attention()`` contract: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]
     (fp16/bf16/fp32, any strides), any mask, ``q_offset``, ``out`` (a strided view is fine), LSE
     [B, Hq, Sq] fp32 natural log. Quantizes K/V (passes 1-3), then runs the attention kernel."""
     qz.check_inputs(q, k, v, precision, q_offset)
     qz.check_out(out, q)
+    qz.check_p_max(p_max)
     m = resolve_mask(mask)
     m.validate(q.shape[0], k.shape[1])
     _check_device(q, precision)
     kv = quantize_kv_triton(k, v, precision=precision, smooth_k=smooth_k, key_lengths=m.key_lengths,
                             v_granularity=v_granularity)
     return triton_attention_quantized_kv(q, kv, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
-                                         config=config)
+                                         config=config, p_max=p_max)

@@ -2,8 +2,8 @@
 
 Scheme (the same in ``triton_int8.py``; ``precision`` picks the 8-bit format of each product):
 
-* **Q**: one scale per token (per row and head): ``q8 = round(q * R / amax_row)``, R = 127 (int8) or
-  448 (fp8 e4m3's largest value). The dequant factor stored with it, ``amax_row / R * scale * log2(e)``,
+* **Q**: one scale per token (per row and head): ``q8 = round(q * (R / amax_row))``, R = 127 (int8)
+  or 448 (fp8 e4m3's largest value). The dequant factor stored with it, ``amax_row / R * scale * log2(e)``,
   also carries the softmax scale and the base change, so a dequantised score is already in base 2.
 * **K**: smoothed first (``smooth_k``, SageAttention): the per-channel mean over the keys of each
   (batch, kv head) is subtracted. ``q . (k_j - mean)`` differs from ``q . k_j`` by a per-row constant,
@@ -36,8 +36,13 @@ Scheme (the same in ``triton_int8.py``; ``precision`` picks the 8-bit format of 
 Statistics (K mean, V scale) are taken over the keys ``[0, key_length)`` of each sequence (all ``Sk``
 without key lengths): a property of K and V alone, so one quantized K/V serves every query tile of a
 block. Key rows at or after the key length are written as zeros (garbage there cannot reach the
-scales or the output). Rounding is half away from zero, written once here and once in the Triton pass
-with the same fp32 operations, so both give the same integers.
+scales or the output).
+
+Bit-exact by construction: the Triton passes compute the same fp32 operations, chosen so that no
+implementation can round them differently: ``x * (R * rcp(amax))`` with a correctly rounded
+reciprocal (torch's ``scalar / tensor`` is reciprocal-times-scalar, Triton's fp32 ``/`` on the GPU
+is approximate), scales as ``amax * (1 / R)``, int8 by round-half-even of the fp32 product (one
+``rint`` on the GPU: nothing for the compiler to fuse into an FMA), the K mean summed in fp64.
 
 ``quantized_attention_torch`` runs the kernel's arithmetic in torch, key block by key block (the P
 quantization depends on the running max, so the block size is part of the result): integer products
@@ -177,24 +182,23 @@ def key_lengths_of(mask: Mask, batch: int, seq_k: int, device) -> torch.Tensor:
 # quantization
 # ------------------------------------------------------------------------------------------------
 
-def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest, ties away from zero, as trunc(x +- 0.5) in fp32 (the Triton pass does the same ops)."""
-    return torch.trunc(torch.where(x >= 0, x + 0.5, x - 0.5))
-
-
 def to_format(x_scaled: torch.Tensor, fmt: str) -> torch.Tensor:
-    """An fp32 tensor already scaled to [-R, R] -> int8 (rounded) or fp8 e4m3 (round to nearest even)."""
+    """An fp32 tensor already scaled to [-R, R] -> int8 or fp8 e4m3, both round to nearest, ties to even."""
     if fmt == "int8":
-        return round_half_away(x_scaled).to(torch.int8)
+        return torch.round(x_scaled).to(torch.int8)
     return x_scaled.to(FP8)
 
 
+def inverse_scale(amax: torch.Tensor, r: float) -> torch.Tensor:
+    """R / amax as the kernels compute it: a correctly rounded reciprocal, then times R."""
+    return torch.reciprocal(amax) * r
+
+
 def quantize_rows(x: torch.Tensor, fmt: str):
-    """Per-row (last dim) symmetric quantization of an fp32 tensor -> (x8, amax / R)."""
+    """Per-row (last dim) symmetric quantization of an fp32 tensor -> (x8, dequant scale amax / R)."""
     r = qmax(fmt)
     amax = x.abs().amax(-1).clamp_min(TINY)
-    inv = r / amax
-    return to_format(x * inv[..., None], fmt), amax / r
+    return to_format(x * inverse_scale(amax, r)[..., None], fmt), amax * (1.0 / r)
 
 
 def quantize_q(q: torch.Tensor, *, precision: str = "int8", scale: Optional[float] = None) -> QuantizedQ:
@@ -233,12 +237,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, precision: str = "int8", sm
     if v_granularity == "head":
         v_amax = v_amax.amax(-1, keepdim=True).expand(B, Hkv, D)
     v_amax = v_amax.clamp_min(TINY)
-    v8 = to_format(vf * (r / v_amax)[:, :, None, :], pv_fmt)                   # [B, Hkv, Sk, D]
+    v8 = to_format(vf * inverse_scale(v_amax, r)[:, :, None, :], pv_fmt)       # [B, Hkv, Sk, D]
     k_out = torch.zeros(B, Hkv, Sk, dp, dtype=k8.dtype, device=k.device)
     k_out[..., :D] = k8
     v_t = torch.zeros(B, Hkv, dp, skp, dtype=v8.dtype, device=k.device)
     v_t[:, :, :D, :Sk] = v8.transpose(2, 3)
-    return QuantizedKV(k_out, k_scale, k_mean, v_t, (v_amax / r).contiguous(), qk_fmt, pv_fmt, D, Sk)
+    return QuantizedKV(k_out, k_scale, k_mean, v_t, (v_amax * (1.0 / r)).contiguous(), qk_fmt, pv_fmt, D, Sk)
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool = True,
@@ -254,7 +258,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, smooth_k:
 def quantize_p(p: torch.Tensor, fmt: str):
     """Softmax numerators in [0, 1] -> (8-bit P at the fixed scale, the same values as fp32)."""
     if fmt == "int8":
-        pq = torch.floor(p * INT8_MAX + 0.5)  # p >= 0: half up, as the kernel's (p * 127 + 0.5) -> int8
+        pq = torch.round(p * INT8_MAX)
         return pq, pq
     p8 = (p * FP8_MAX).to(FP8)
     return p8, p8.float()

@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -78,13 +79,29 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
+def _rint(x, INTERPRET: tl.constexpr):
+    """Round to nearest, ties to even (torch.round). The interpreter has no libdevice: there, adding and
+    subtracting 1.5 * 2^23 does it exactly for |x| < 2^22 (NumPy fuses nothing)."""
+    if INTERPRET:
+        return (x + 12582912.0) - 12582912.0
+    return libdevice.rint(x)
+
+
+@triton.jit
+def _inverse_scale(amax, R: tl.constexpr):
+    """R / amax as quantized.inverse_scale: a correctly rounded reciprocal, then times R (fp32 ``/``
+    is approximate on the GPU)."""
+    return tl.math.div_rn(1.0, amax) * R
+
+
+@triton.jit
 def _to_8bit(x, FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 already scaled to [-R, R] -> fp8 e4m3 (round to nearest even) or int8 (half away from zero)."""
+    """fp32 already scaled to [-R, R] -> fp8 e4m3 or int8, both round to nearest, ties to even."""
     if FP8:
         if INTERPRET:
             x = _round_to_e4m3(x)
         return x.to(tl.float8e4nv)
-    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # the cast truncates toward zero
+    return _rint(x, INTERPRET).to(tl.int8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,8 +173,8 @@ def _kv_finalize(KSUM, VMAX, KL, KMEAN, VSCALE, VINV, Sk, Hkv, n_chunks,
     vmax = tl.maximum(vmax, 1e-30)  # an all-zero channel quantizes to zeros, not NaN
     out = bh.to(tl.int64) * HEAD_DIM + d
     tl.store(KMEAN + out, mean, mask=d_ok)
-    tl.store(VSCALE + out, vmax / V_QMAX, mask=d_ok)
-    tl.store(VINV + out, V_QMAX / vmax, mask=d_ok)
+    tl.store(VSCALE + out, vmax * (1.0 / V_QMAX), mask=d_ok)
+    tl.store(VINV + out, _inverse_scale(vmax, V_QMAX), mask=d_ok)
 
 
 @triton.jit
@@ -186,10 +203,10 @@ def _kv_quantize(K, V, KL, KMEAN, VINV, K8, KSC, VT, Sk, Sk_pad, Hkv,
     mean = tl.load(KMEAN + stat, mask=d_ok, other=0.0)
     ks = tl.where(valid[:, None], k - mean[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.abs(ks), 1), 1e-30)
-    k8 = _to_8bit(ks * (K_QMAX / amax)[:, None], K_FP8, INTERPRET)
+    k8 = _to_8bit(ks * _inverse_scale(amax, K_QMAX)[:, None], K_FP8, INTERPRET)
     in_k = rows < Sk
     tl.store(K8 + (bh.to(tl.int64) * Sk + r64) * D_PAD + d[None, :], k8, mask=in_k[:, None])
-    tl.store(KSC + bh.to(tl.int64) * Sk + rows, tl.where(valid, amax / K_QMAX, 0.0), mask=in_k)
+    tl.store(KSC + bh.to(tl.int64) * Sk + rows, tl.where(valid, amax * (1.0 / K_QMAX), 0.0), mask=in_k)
     # V: the channel scales of pass 2; written transposed (keys contiguous), padding keys as zeros
     v = tl.load(v_base + r64 * stride_vs + d[None, :] * stride_vd, mask=ok, other=0.0).to(tl.float32)
     vinv = tl.load(VINV + stat, mask=d_ok, other=0.0)
@@ -258,7 +275,7 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         p8 = _to_8bit(p * 448.0, True, INTERPRET)
         p_sum = tl.sum(p8.to(tl.float32), 1)
     else:
-        pr = tl.floor(p * 127.0 + 0.5)
+        pr = _rint(p * 127.0, INTERPRET)
         p8 = pr.to(tl.int8)
         p_sum = tl.sum(pr, 1)
     if P_BLOCK_MAX:
@@ -361,11 +378,11 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
     qf = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & d_ok[None, :], other=0.0).to(tl.float32)
     q_amax = tl.maximum(tl.max(tl.abs(qf), 1), 1e-30)
     if QK_FP8:
-        q8 = _to_8bit(qf * (448.0 / q_amax)[:, None], QK_FP8, INTERPRET)
-        sq = q_amax / 448.0 * qk_scale
+        q8 = _to_8bit(qf * _inverse_scale(q_amax, 448.0)[:, None], QK_FP8, INTERPRET)
+        sq = q_amax * (1.0 / 448.0) * qk_scale
     else:
-        q8 = _to_8bit(qf * (127.0 / q_amax)[:, None], QK_FP8, INTERPRET)
-        sq = q_amax / 127.0 * qk_scale
+        q8 = _to_8bit(qf * _inverse_scale(q_amax, 127.0)[:, None], QK_FP8, INTERPRET)
+        sq = q_amax * (1.0 / 127.0) * qk_scale
     stat = bhk.to(tl.int64) * HEAD_DIM + offs_d
     if RETURN_LSE:
         # the scores are of smoothed keys: the LSE gets q . mean back (base 2), from the unquantized q

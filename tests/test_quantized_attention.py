@@ -2,8 +2,8 @@
 
 Accuracy: the torch model of the int8 kernel against naive per-tensor fp8, on Gaussian inputs and on
 keys with channel outliers (a 10-sigma offset on a few channels, as SageAttention measures), what K
-smoothing buys there, and what quantizing P against the block max buys on rows that see many keys. Kernel: the Triton kernel under TRITON_INTERPRET=1 against the torch
-model (the same integer arithmetic) over masks, q_offset, GQA, odd lengths, head_dim 64/128, out=
+smoothing buys there, and what quantizing P against the block max buys on rows that see many keys.
+Kernel: the Triton kernel under TRITON_INTERPRET=1 against the torch model (the same integer arithmetic) over masks, q_offset, GQA, odd lengths, head_dim 64/128, out=
 slices, LSE, both load paths. Shapes are small: the interpreter runs each program in Python.
 """
 import importlib
@@ -23,7 +23,6 @@ from fastattn_dist.attention import quantized as qz  # noqa: E402
 from fastattn_dist.reference_block import attention64  # noqa: E402
 
 try:
-    import triton  # noqa: F401
     if "fastattn_dist.attention.triton_int8" in sys.modules:  # imported earlier without the interpreter
         importlib.reload(sys.modules["fastattn_dist.attention.triton_int8"])
     from fastattn_dist.attention import triton_int8

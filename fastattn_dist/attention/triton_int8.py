@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 from typing import Optional
 
@@ -108,7 +107,8 @@ def _to_8bit(x, FP8: tl.constexpr, INTERPRET: tl.constexpr):
 # passes 1-3: K/V statistics and quantization
 # ------------------------------------------------------------------------------------------------
 
-@triton.jit
+# Sizes vary per call: no per-value specialisation (one compile serves every shape; Sk == 1 stays a tensor).
+@triton.jit(do_not_specialize=["Sk", "Hkv", "n_chunks"])
 def _kv_stats(K, V, KL, KSUM, VMAX, Sk, Hkv, n_chunks,
               stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
@@ -139,7 +139,7 @@ def _kv_stats(K, V, KL, KSUM, VMAX, Sk, Hkv, n_chunks,
     tl.store(VMAX + out, vmax)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sk", "Hkv", "n_chunks"])
 def _kv_finalize(KSUM, VMAX, KL, KMEAN, VSCALE, VINV, Sk, Hkv, n_chunks,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
                  SMOOTH: tl.constexpr, V_PER_HEAD: tl.constexpr, V_QMAX: tl.constexpr,
@@ -177,7 +177,7 @@ def _kv_finalize(KSUM, VMAX, KL, KMEAN, VSCALE, VINV, Sk, Hkv, n_chunks,
     tl.store(VINV + out, _inverse_scale(vmax, V_QMAX), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sk", "Sk_pad", "Hkv"])
 def _kv_quantize(K, V, KL, KMEAN, VINV, K8, KSC, VT, Sk, Sk_pad, Hkv,
                  stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
@@ -332,7 +332,8 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
                TUNE_Q, TUNE_K, TUNE_BH,  # autotune key only (bucketed sizes)
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_KEY_LENGTHS: tl.constexpr, RETURN_LSE: tl.constexpr, QK_FP8: tl.constexpr,
-               PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+               PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               USE_TMA: tl.constexpr,
                INTERPRET: tl.constexpr = False):
     # heads on axis 0, query blocks on axis 1 in reverse (costliest causal blocks first; programs of
     # one KV group side by side so their K/V reads hit L2), as in triton_fa.py

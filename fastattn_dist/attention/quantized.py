@@ -17,7 +17,9 @@ Scheme (the same in ``triton_int8.py``; ``precision`` picks the 8-bit format of 
   keys, so it costs the kernel one multiply per output element, as a head scale would, and is never
   coarser.
 * **P**: inside the online softmax, ``p = exp2(s - m)`` lies in [0, 1] and is quantized at a fixed
-  scale: ``round(p * 127)`` (int8) or ``fp8(p * 448)``. ``p_max`` says which max m is:
+  scale: ``round(127 p)`` (int8) or ``fp8(448 p)``, computed as ``exp2(s - (m - log2 R))`` (the scale
+  folded into the exponent: no multiply, and the kernel's rounding is one fp32 add, see
+  triton_int8.py). ``p_max`` says which max m is:
   "running" (INT-FlashAttention as published: the running row max, this block included) or
   "block" (the default: this key block's row max; the block's P @ V and row sum are then scaled by
   ``exp2(m_block - m_running)`` in fp32). With the running max, a long flat softmax puts most
@@ -255,12 +257,12 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, smooth_k:
                         v_granularity=v_granularity))
 
 
-def quantize_p(p: torch.Tensor, fmt: str):
-    """Softmax numerators in [0, 1] -> (8-bit P at the fixed scale, the same values as fp32)."""
+def quantize_p(p_scaled: torch.Tensor, fmt: str):
+    """Softmax numerators already at the fixed scale, in [0, R] -> (8-bit P, the same values as fp32)."""
     if fmt == "int8":
-        pq = torch.round(p * INT8_MAX)
+        pq = torch.round(p_scaled)
         return pq, pq
-    p8 = (p * FP8_MAX).to(FP8)
+    p8 = p_scaled.to(FP8)
     return p8, p8.float()
 
 
@@ -317,11 +319,12 @@ def attention_from_quantized(qq: QuantizedQ, kv: QuantizedKV, mask: Mask, *, q_o
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp2 gives 0, not NaN
         alpha = torch.exp2(m - m_use)
         if p_max == "block":
-            p = torch.exp2(s - torch.where(m_blk == float("-inf"), 0.0, m_blk)[..., None])
+            m_ref = torch.where(m_blk == float("-inf"), 0.0, m_blk)
             beta = torch.exp2(m_blk - m_use)
         else:
-            p = torch.exp2(s - m_use[..., None])
-        p8, pq = quantize_p(p, kv.pv_fmt)
+            m_ref = m_use
+        # R * exp2(s - m) as exp2(s - (m - log2 R)), the kernel's form
+        p8, pq = quantize_p(torch.exp2(s - (m_ref - math.log2(qmax(kv.pv_fmt)))[..., None]), kv.pv_fmt)
         vb = kv.v_t[:, :, None, :D, ks:ke].double().transpose(-1, -2)            # [B, Hkv, 1, n, D]
         pv = (pq.double() @ vb).float()
         if p_max == "block":

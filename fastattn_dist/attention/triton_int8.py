@@ -23,7 +23,7 @@ masked / unmasked stages, query-row ranges at ``q_offset``, GQA through ``h // G
 q and ``out``, optional LSE. Per key block:
 
     s   = dot8(q8, k8^T) * q_scale[:, None] * k_scale[None, :]        (int32 -> fp32 exact, base 2)
-    p   = exp2(s - m_blk);  P8 = round(p * 127) | fp8(p * 448)      (m_blk: the block's row max, or
+    P8  = round(127 exp2(s - m_blk)) | fp8(448 exp2(s - m_blk))       (m_blk: the block's row max, or
                                                                        the running one: P_BLOCK_MAX)
     l   = l * alpha + rowsum(P8) * beta                               (beta = exp2(m_blk - m_new))
     acc = acc * alpha + dot8(P8, v8) * beta                           (a fresh accumulator per block:
@@ -35,6 +35,13 @@ q and ``out``, optional LSE. Per key block:
 given GPU is for scripts/bench_int8_attention.py to measure. fp8 needs compute capability >= 8.9.
 V is stored transposed because 8-bit tensor-core MMAs on Hopper take only K-major operands: for
 P @ V the reduction runs over keys, so keys must be contiguous.
+
+Conversions: int32 -> fp32 and fp32 -> int8 are conversion instructions, which on Hopper issue at
+about the rate of exp2 (a quarter of fp32 adds); done plainly, the int8 loop would spend four of
+them per score where bf16 attention spends one exp2. So the loop converts with fp32 adds instead,
+exact for |x| < 2^22 (scores: 127^2 * D_PAD <= 2^22 for head_dim <= 256): an int32 x becomes
+``bits(x + 0x4B400000) - 1.5 * 2^23``, and P is ``exp2(s - (m - log2 127)) + 1.5 * 2^23``, whose
+fp32 add rounds to the nearest integer (ties to even) and whose low byte then is the int8.
 """
 from __future__ import annotations
 
@@ -84,6 +91,12 @@ def _rint(x, INTERPRET: tl.constexpr):
     if INTERPRET:
         return (x + 12582912.0) - 12582912.0
     return libdevice.rint(x)
+
+
+@triton.jit
+def _small_int_to_f32(x):
+    """int32 |x| < 2^22 -> fp32, exactly, with an integer add and an fp32 add (see the module docstring)."""
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
@@ -242,7 +255,7 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
     if QK_FP8:
         qk = tl.dot(q8, k)
     else:
-        qk = tl.dot(q8, k, out_dtype=tl.int32).to(tl.float32)  # |qk| <= 127^2 * D_PAD < 2^24: exact
+        qk = _small_int_to_f32(tl.dot(q8, k, out_dtype=tl.int32))  # |qk| <= 127^2 * D_PAD < 2^22
     s = qk * sq[:, None] * sk[None, :]
     if MASKED:
         vis = kv_ok[None, :]
@@ -257,27 +270,28 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
         if P_BLOCK_MAX:
-            p = tl.math.exp2(s - tl.where(m_blk == float("-inf"), 0.0, m_blk)[:, None])
+            m_ref = tl.where(m_blk == float("-inf"), 0.0, m_blk)
             beta = tl.math.exp2(m_blk - m_use)
         else:
-            p = tl.math.exp2(s - m_use[:, None])
+            m_ref = m_use
     else:
         m_blk = tl.max(s, 1)
         m_new = tl.maximum(m_i, m_blk)
         alpha = tl.math.exp2(m_i - m_new)
         if P_BLOCK_MAX:
-            p = tl.math.exp2(s - m_blk[:, None])
+            m_ref = m_blk
             beta = tl.math.exp2(m_blk - m_new)
         else:
-            p = tl.math.exp2(s - m_new[:, None])
-    # P in [0, 1] at a fixed scale; the row sum counts the quantized weights P @ V will use
+            m_ref = m_new
+    # P at its fixed scale, R * exp2(s - m) as exp2(s - (m - log2 R)); the row sum counts the
+    # quantized weights P @ V will use
     if PV_FP8:
-        p8 = _to_8bit(p * 448.0, True, INTERPRET)
+        p8 = _to_8bit(tl.math.exp2(s - (m_ref - 8.807354922057604)[:, None]), True, INTERPRET)  # log2(448)
         p_sum = tl.sum(p8.to(tl.float32), 1)
     else:
-        pr = _rint(p * 127.0, INTERPRET)
-        p8 = pr.to(tl.int8)
-        p_sum = tl.sum(pr, 1)
+        y = tl.math.exp2(s - (m_ref - 6.9886846867721655)[:, None]) + 12582912.0  # log2(127); rounds to integer
+        p_sum = tl.sum(y - 12582912.0, 1)
+        p8 = y.to(tl.int32, bitcast=True).to(tl.int8)  # the low byte of 1.5 * 2^23 + n is n (0 <= n <= 127)
     if P_BLOCK_MAX:
         l_i = l_i * alpha + p_sum * beta
     else:
@@ -291,7 +305,7 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
     if PV_FP8:
         pv = tl.dot(p8, tl.trans(v))
     else:
-        pv = tl.dot(p8, tl.trans(v), out_dtype=tl.int32).to(tl.float32)  # 127^2 * BLOCK_N < 2^24: exact
+        pv = _small_int_to_f32(tl.dot(p8, tl.trans(v), out_dtype=tl.int32))  # 127^2 * BLOCK_N < 2^22
     if P_BLOCK_MAX:
         acc = acc * alpha[:, None] + pv * beta[:, None]
     else:
@@ -527,7 +541,12 @@ def _pow2_bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+MAX_HEAD_DIM = 256  # 127^2 * head_dim must stay below 2^22 (the loop's exact int32 -> fp32)
+
+
 def _check_device(t: torch.Tensor, precision: str) -> None:
+    if t.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the 8-bit triton kernel takes head_dim <= {MAX_HEAD_DIM}, got {t.shape[-1]}")
     if t.device.type != "cuda":
         if not INTERPRETED:
             raise RuntimeError("the 8-bit triton kernel runs on CUDA tensors, or on CPU tensors under "

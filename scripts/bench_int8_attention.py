@@ -63,9 +63,10 @@ LABEL = {"cudnn": "cuDNN bf16", "triton": "Triton bf16", "int8": "int8", "int8-f
 # see up to 32K keys, K with outliers): bf16 ~0.005, int8 ~0.02, int8-fp8 ~0.036, fp8 ~0.05.
 ERR_BOUND = {"cudnn": 0.015, "triton": 0.015, "int8": 0.035, "int8-fp8": 0.06, "fp8": 0.08}
 # GPU kernel vs the torch model of the same arithmetic: exp2 (ex2.approx) and FMA contraction differ in
-# the last bits, which now and then moves one P weight by one int8 step (at most 1/127 of the row's
-# largest weight): relative norm, worst row (relative to the largest |value|), LSE (absolute).
-MODEL_TOL, MODEL_ROW_TOL, MODEL_LSE_TOL = 2e-3, 2e-2, 1e-3
+# the last bits, which now and then moves one P weight by one rounding step (int8: 1/127 of the block's
+# largest weight; fp8: one e4m3 step, up to 1/8 of that weight): relative norm, worst row (relative to
+# the largest |value|), LSE (absolute). A wrong kernel (layouts, masks) is off by O(1).
+MODEL_TOL, MODEL_ROW_TOL, MODEL_LSE_TOL = 2e-3, 5e-2, 1e-3
 QUANT_MISMATCH_TOL = 1e-4  # fraction of 8-bit values allowed to differ by one step from torch's
 BF16_QUICK_CONFIG = "128,128,8,3"  # docs/attention_kernel.md: the bf16 kernel's pick at S >= 8192 on H200
 OUTLIER_CHANNELS, OUTLIER_SIGMA = 4, 10.0

@@ -203,6 +203,14 @@ def test_bad_input_raises_value_error():
             triton_int8.triton_quantized_attention(q.to(torch.int8), k.to(torch.int8), v.to(torch.int8))
         with pytest.raises(ValueError, match="q_offset"):
             triton_int8.triton_quantized_attention(q, k, v, q_offset=-1)
+        with pytest.raises(ValueError, match="head_dim"):
+            big = torch.zeros(1, 4, 1, 320)
+            triton_int8.triton_quantized_attention(big, big, big)
+    if INTERPRETED:
+        kv = triton_int8.quantize_kv_triton(k, v)
+        kv.k_scale = kv.k_scale.repeat(1, 1, 2)[..., ::2]  # the same values, every other element
+        with pytest.raises(ValueError, match="contiguous"):
+            triton_int8.triton_attention_quantized_kv(q, kv, Causal())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -644,6 +644,9 @@ def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, 
         raise ValueError("q must be a 4-D fp16, bf16 or fp32 tensor [batch, seq, heads, head_dim]")
     B, Sq, Hq, D = q.shape
     _, Hkv, Sk, dp = kv.k.shape
+    bad = [n for n in ("k", "k_scale", "k_mean", "v_t", "v_scale") if not getattr(kv, n).is_contiguous()]
+    if bad:  # the kernel computes their addresses from the shapes
+        raise ValueError(f"QuantizedKV tensors must be contiguous (as quantize_kv / quantize_kv_triton make them): {bad}")
     if kv.k.shape[0] != B or kv.head_dim != D or Hq % Hkv or kv.k.device != q.device:
         raise ValueError(f"q {list(q.shape)} on {q.device} does not fit the quantized K/V "
                          f"(batch {kv.k.shape[0]}, kv heads {Hkv}, head_dim {kv.head_dim}, on {kv.k.device})")

@@ -173,13 +173,6 @@ def softmax_scale(scale: Optional[float], head_dim: int) -> float:
     return float(scale)
 
 
-def key_lengths_of(mask: Mask, batch: int, seq_k: int, device) -> torch.Tensor:
-    """Per-sequence key count the statistics run over (int32 [B] on ``device``)."""
-    if mask.key_lengths is None:
-        return torch.full((batch,), seq_k, dtype=torch.int32, device=device)
-    return mask.key_lengths.to(device=device, dtype=torch.int32).clamp(max=seq_k)
-
-
 # ------------------------------------------------------------------------------------------------
 # quantization
 # ------------------------------------------------------------------------------------------------

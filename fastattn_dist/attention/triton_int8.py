@@ -522,12 +522,6 @@ def _tuner(major: int, d_pad: int):
     return _TUNERS[fam]
 
 
-def last_tuned_config(major: int, d_pad: int = 128):
-    """The config the autotuner last picked for this family (for the benchmark's report), or None."""
-    t = _TUNERS.get((major, d_pad >= 256))
-    return None if t is None or getattr(t, "best_config", None) is None else t.best_config
-
-
 # Under TRITON_INTERPRET=1 (CPU tensors) one small config keeps tests fast; tests may change it.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "USE_TMA": False}
 # FASTATTN_INT8_CONFIG="BM,BN,warps,stages[,tma]" pins one config on the GPU (skips autotuning).

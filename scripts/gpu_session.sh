@@ -34,8 +34,16 @@ for step in $STEPS; do
             T=${T_TUNE:-120} run python3 -m fastattn_dist tune --emulate-tp "$tp" --out "$OUT/tuned.json" --batch 4 \
               --seq 2048
           done ;;
-    model) for spec in "8 70b" "4 8b" "2 8b --seq 8192 32768" "1 8b --seq 8192"; do
+    model) export FASTATTN_TUNED_PROFILE="$OUT/tuned.json"  # tune --model first: the model's auto reads it
+           for spec in "8 70b" "4 8b" "2 8b --seq 8192 32768" "1 8b --seq 8192"; do
              set -- $spec
+             if [ "$1" -gt 1 ] && [ -z "${NO_TUNE:-}" ]; then
+               seqs=${3:+${*:4}}
+               T=${T_TUNE:-120} run python3 -m fastattn_dist tune --model "$2" --emulate-tp "$1" --batch 1 \
+                 --seq ${seqs:-2048 8192 32768} --repeats 5 --warmup 1 --out "$OUT/tuned.json"
+               [ -z "$seqs" ] && T=${T_TUNE:-120} run python3 -m fastattn_dist tune --model "$2" --emulate-tp "$1" \
+                 --batch 4 --seq 2048 --repeats 5 --warmup 1 --out "$OUT/tuned.json"
+             fi
              T=${T_MODEL:-300} run python3 -m fastattn_dist bench-model --emulate-tp "$1" --model "$2" "${@:3}" \
                --repeats "${REPEATS:-3}" --warmup 1 --out "$OUT" ${MODEL_ARGS:-}
            done ;;

@@ -185,3 +185,28 @@ def test_stack_plan_tiles_only_where_it_pays():
     assert heavy.plan.num_tiles > 1
     one = simulate_stack(TilePlan.single(1024), layer_cost(), Causal(), 4, CPU, LinkModel(50, 0.04))
     assert heavy.block_s < 0.9 * one.block_s
+
+
+def test_cuts_fall_on_the_kernels_row_blocks_when_asked():
+    from fastattn_dist.parallel.tile_plan import cost_balanced_plan
+
+    rc = torch.arange(1, 8193, dtype=torch.float64)  # causal: later rows cost more
+    plain, aligned = cost_balanced_plan(rc, 3), cost_balanced_plan(rc, 3, align=128)
+    assert any(b % 128 for b in plain.bounds[1:-1]) and all(b % 128 == 0 for b in aligned.bounds[1:-1])
+    assert aligned.rows == 8192 and aligned.num_tiles == 3
+    assert all(abs(a - b) <= 64 for a, b in zip(plain.bounds, aligned.bounds))  # the nearest block edge
+
+
+def test_auto_takes_the_fastest_whole_block_tune_measured_with_comm():
+    """Where tune timed whole blocks with the comm paths (SM contention and latency included), auto takes the
+    fastest of them, whatever the model predicts; comm paths the block does not have are not candidates."""
+    from fastattn_dist.tuning.cost_model import PROFILES, BlockCost, CommOption, MeasuredPlans, choose
+
+    cost = BlockCost(1, 8192, 4096, 16, 128, 2, 2)
+    full = [((0, 8192), "nccl", "one", 1.00e-3), ((0, 4096, 8192), "copy_engine", "overlap", 0.97e-3),
+            ((0, 2816, 5632, 8192), "nccl", "one", 0.93e-3), ((0, 4096, 8192), "nvls", "one", 0.5e-3)]
+    comms = {"nccl": CommOption(None), "copy_engine": CommOption(None)}
+    pred, name = choose(cost, Causal(), "auto", profile=PROFILES["hopper"], comms=comms, measured=MeasuredPlans([], full))
+    assert (pred.plan.bounds, name, pred.streams) == ((0, 2816, 5632, 8192), "nccl", "one")
+    fixed, _ = choose(cost, Causal(), 2, profile=PROFILES["hopper"], comms=comms, measured=MeasuredPlans([], full))
+    assert fixed.plan.num_tiles == 2  # a fixed tile count is the user's

@@ -22,8 +22,13 @@ from ..block import TPAttention
 from ..masks import Causal
 from ..parallel.comm import NoComm
 from ..parallel.graphs import capture_cuda
-from ..runner import job_device, median_ms, run_job
+from ..parallel.copy_engine import copy_engine_available
+from ..parallel.emulated_comm import StandInAllReduce
+from ..parallel.link_models import GpuLinkModel
+from ..runner import job_device, max_over_ranks, median_ms, run_job
 from ..tuning.cost_model import BlockCost, TilePlanOptions, plans_to_time, profile_for, simulate, tile_streams_for
+from ..models.bench_model import BenchModelOptions, tune_model
+from ..models.presets import SHAPES, model_config, resolve_model
 from ..tuning.measured import ENV, check_profile_writable, profile_path, shape_key, store
 from .options import DTYPES, add_rank_options, launch_from_args, nonneg_int, positive_int
 
@@ -76,9 +81,39 @@ def tune_rank(rank: int, world: int, opts: TuneOptions) -> Optional[dict]:
         t1 = timed[0]["compute_ms"]
         log(f"[tune] TP={tp} hidden {hidden} B{batch} S{seq}: compute " +
             ", ".join(f"t={p['tiles']} {p['compute_ms']:.3f} ms (x{p['compute_ms'] / t1:.3f})" for p in timed))
-        entries[shape_key(device, cost, mask)] = {"plans": timed}
+        full = _time_with_comm(plans, (hidden, heads, kv, dtype, device), (q, k, v, wo), mask, opts, tp) \
+            if tp > 1 else []
+        if full:
+            best = min(full, key=lambda p: p["ms"])
+            log(f"[tune]   with comm: fastest {len(best['bounds']) - 1} tiles, {best['comm']}, {best['streams']} "
+                f"streams: {best['ms']:.3f} ms (t=1 {min(p['ms'] for p in full if len(p['bounds']) == 2):.3f})")
+        entries[shape_key(device, cost, mask)] = {"plans": timed, "full": full}
         del q, k, v
     return entries if rank == 0 else None
+
+
+def _time_with_comm(plans: dict, block_args: tuple, inputs: tuple, mask, opts: TuneOptions, tp: int) -> list:
+    """Whole blocks of every plan with each comm path (the stand-ins when emulating, else the group's paths) and
+    stream mode: what the block's auto then picks from, SM contention and comm latency included."""
+    hidden, heads, kv, dtype, device = block_args
+    q, k, v, wo = inputs
+    if opts.emulate_tp:
+        paths = {"nccl": StandInAllReduce(tp, GpuLinkModel.for_world_size(tp), device),
+                 "copy_engine": StandInAllReduce(tp, GpuLinkModel.for_world_size(tp, path="copy_engine"), device)}
+    else:
+        paths = dict.fromkeys(["nccl"] + (["copy_engine"] if copy_engine_available(device) else []))
+        paths = {name: name for name in paths}
+    out = []
+    for n, plan in plans.items():
+        for name, comm in paths.items():
+            for streams in (("one",) if n == 1 else ("one", "overlap")):
+                blk = TPAttention(hidden, heads, kv, dtype=dtype, device=device, comm=comm, tile_streams=streams)
+                blk.load_o_proj_shard(wo)
+                replay = capture_cuda(lambda: blk.attend(q, k, v, mask, tiles=plan))
+                out.append({"bounds": list(plan.bounds), "comm": name, "streams": streams,
+                            "ms": max_over_ranks(median_ms(replay, device, opts.repeats, opts.warmup), device)})
+                del blk, replay
+    return out
 
 
 def add_parser(sub) -> None:
@@ -98,6 +133,11 @@ def add_parser(sub) -> None:
     g.add_argument("--repeats", type=positive_int, default=20, help="timed runs per plan (default 20)")
     g.add_argument("--warmup", type=nonneg_int, default=3, help="untimed runs per plan first (default 3)")
     g.add_argument("--out", default=None, help=f"profile file (default ${ENV} or ~/.cache/fastattn_dist/tuned.json)")
+    g = p.add_argument_group("a model's prefill plans (instead of the block's)")
+    g.add_argument("--model", default=None, help="one of " + ", ".join(SHAPES) + " or a checkpoint directory: time "
+                   "whole prefills of a slice of its layers per plan, with the comm path it runs (the stand-in with "
+                   "--emulate-tp); the model's tiles='auto' then takes the fastest")
+    g.add_argument("--layers", type=positive_int, default=8, help="layers of the slice (default 8)")
     p.set_defaults(func=cmd_tune)
 
 
@@ -110,6 +150,8 @@ def cmd_tune(args) -> int:
     if launch.device_type() != "cuda":
         raise ValueError("tune measures a GPU: run it on a machine with CUDA GPUs (under torchrun, or with "
                          "--emulate-tp N on one GPU)")
+    if args.model:
+        return _tune_model(args, launch)
     heads = args.heads or [h // 128 for h in args.hidden]
     if len(heads) != len(args.hidden):
         raise ValueError("--heads needs one value per --hidden value")
@@ -122,4 +164,21 @@ def cmd_tune(args) -> int:
         return 0
     store(path, entries)
     print(f"fastattn-dist tune: {len(entries)} shapes written to {path}")
+    return 0
+
+
+def _tune_model(args, launch) -> int:
+    path = resolve_model(args.model)
+    model_config(path)  # a missing or partial checkpoint: one line now, not on every rank
+    path_out = args.out or profile_path()
+    check_profile_writable(path_out)
+    opts = BenchModelOptions(path, args.model, DTYPES[args.dtype], repeats=args.repeats, warmup=args.warmup,
+                             layers=args.layers, emulate_tp=args.emulate_tp,
+                             rows=[(b, s) for b in args.batch for s in args.seq],
+                             tile_counts=list(range(1, args.max_tiles + 1)))
+    entries = run_job(tune_model, launch, (opts,), label="tune")
+    if entries is None:
+        return 0
+    store(path_out, entries)
+    print(f"fastattn-dist tune: {len(entries)} model prompt shapes written to {path_out}")
     return 0

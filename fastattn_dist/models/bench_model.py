@@ -69,10 +69,9 @@ def random_ids(vocab: int, batch: int, seq: int, seed: int, device) -> torch.Ten
 
 
 def config_of(opts: BenchModelOptions):
-    if opts.model in SHAPES:
-        cfg = preset_config(opts.model)
-        return cfg if opts.layers is None else cfg.replace(num_hidden_layers=opts.layers)
-    return Checkpoint(opts.model).config
+    """The model's config, cut to ``opts.layers`` layers when asked (a checkpoint's first layers are read)."""
+    cfg = preset_config(opts.model) if opts.model in SHAPES else Checkpoint(opts.model).config
+    return cfg if opts.layers is None else cfg.replace(num_hidden_layers=opts.layers)
 
 
 def build_model(opts: BenchModelOptions, device, comm="nccl", max_seq_len: int = 0) -> LlamaForCausalLM:
@@ -446,3 +445,32 @@ def bench_model_rank(rank: int, world: int, opts: BenchModelOptions) -> Optional
     if opts.contexts:
         return long_context(rank, world, opts)
     return standard(rank, world, opts)
+
+
+# -- tune --model: plans measured on a slice of the model ----------------------------------------------------
+def tune_model(rank: int, world: int, opts: BenchModelOptions) -> Optional[dict]:
+    """For each (batch, seq) of ``opts.rows``: every plan of 1..max(tile_counts) tiles timed as a whole prefill
+    (time to first token) of a slice of ``opts.layers`` layers, with the comm path the model will run (the
+    stand-in when emulating); the entries the tuned profile stores (tuning/measured.py), keyed so the whole
+    model finds them."""
+    device, log = job_device(), log_on(rank)
+    if torch.cuda.is_available() and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    comm = emulated_comm(opts, device) if opts.emulate_tp else "nccl"
+    model = build_model(opts, device, comm, max_seq_len=max(s for _, s in opts.rows))
+    entries = {}
+    with torch.no_grad():
+        for batch, seq in opts.rows:
+            ids = random_ids(model.config.vocab_size, batch, seq, opts.seed, device)
+            plans = {n: model.plan_for(batch, seq, n) for n in range(1, max(opts.tile_counts) + 1)}
+            plans = {n: p for n, p in plans.items() if n == 1 or p.num_tiles == n}
+            variants = {n: PrefillVariant(model, ids, p, model.comm) for n, p in plans.items()}
+            ms = interleaved_median_ms({n: v.replay for n, v in variants.items()}, device, opts.repeats, opts.warmup)
+            best = min(ms, key=ms.get)
+            entries[model.tuned_key(batch, seq)] = {"plans": [{"bounds": list(plans[n].bounds), "ms": ms[n]}
+                                                              for n in plans], "best": list(plans[best].bounds),
+                                                    "layers": len(model.layers)}
+            log(f"[tune] {opts.label} {batch} x {seq}: " + ", ".join(f"{n} tiles {ms[n]:.2f} ms" for n in plans) +
+                f" ({len(model.layers)} layers): best {best}")
+            del variants
+    return entries if rank == 0 else None

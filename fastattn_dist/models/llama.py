@@ -29,6 +29,7 @@ from ..parallel.tile_plan import TilePlan
 from ..recorder import BLOCK, span
 from ..rope import Rotary
 from ..tuning.cost_model import LayerCost, TilePlanOptions, choose_stack_plan, fixed_plan, profile_for
+from ..tuning.measured import lookup_model_plan, model_key
 from .checkpoint import Checkpoint
 from .config import LlamaConfig
 from .decode import decode_strategy
@@ -182,8 +183,11 @@ class LlamaForCausalLM(nn.Module):
                              self.embed.weight.element_size(), kv_heads=s.local_kv_heads,
                              intermediate=s.local_intermediate)
             prof, mask = profile_for(self.device), Mask(True, None, None)
+            measured = None if tiles != "auto" else lookup_model_plan(self.device, self.tuned_key(batch, seq))
             if isinstance(tiles, TilePlan):
                 plan = tiles
+            elif measured is not None:  # plans tune --model timed with this comm path: the fastest
+                plan = TilePlan(measured)
             elif tiles == "auto":
                 plan = choose_stack_plan(cost, mask, len(self.layers), profile=prof, link=self.link,
                                          comm_model=self.comm.model).plan
@@ -191,6 +195,11 @@ class LlamaForCausalLM(nn.Module):
                 plan = fixed_plan(cost, mask, tiles, profile=prof, options=TilePlanOptions())
             self._plans.put(key, plan)
         return plan
+
+    def tuned_key(self, batch: int, seq: int) -> str:
+        """The key of this shard's prompt shape in the tuned profile (``fastattn-dist tune --model``)."""
+        return model_key(self.device, self.shape, self.embed.weight.element_size(), batch, seq, self.comm,
+                         self.prefill_schedule)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, *, lengths=None, tiles=None, last_only: bool = False) -> torch.Tensor:

@@ -42,12 +42,14 @@ class TilePlan:
         return cls((0, rows))
 
 
-def cost_balanced_plan(row_cost: torch.Tensor, num_tiles: int, last_tile_share: float = 0.5) -> TilePlan:
+def cost_balanced_plan(row_cost: torch.Tensor, num_tiles: int, last_tile_share: float = 0.5,
+                       align: int = 1) -> TilePlan:
     """Cut rows so every tile but the last carries equal cost and the last ``last_tile_share`` of that.
 
     ``row_cost`` (one float per row) is what a row costs to compute: under a causal mask later rows
     see more keys, so equal-cost tiles have fewer rows towards the end. The small last tile shortens
-    the one all-reduce that no compute can hide.
+    the one all-reduce that no compute can hide. ``align``: cuts at multiples of this many rows (a GPU's
+    kernels work in blocks of rows: a tile that ends inside one pays for the whole block).
     """
     rows = int(row_cost.numel())
     n = max(1, min(int(num_tiles), rows))
@@ -60,9 +62,12 @@ def cost_balanced_plan(row_cost: torch.Tensor, num_tiles: int, last_tile_share: 
     cuts = (torch.searchsorted(cum, targets) + 1).tolist()
     bounds = [0]
     for i, c in enumerate(cuts):
+        c = int(c)
+        if align > 1 and c > align:
+            c = int(round(c / align)) * align
         # Keep at least one row per tile, both before and after this cut.
         lo, hi = bounds[-1] + 1, rows - (n - 1 - i)
-        bounds.append(min(max(int(c), lo), hi))
+        bounds.append(min(max(c, lo), hi))
     bounds.append(rows)
     return TilePlan(tuple(bounds))
 

@@ -66,6 +66,7 @@ class DeviceProfile:
     comm_latency_s: float      # all-reduce latency (when ``nvlink`` is off)
     comm_bus_bytes_s: float    # all-reduce bus bandwidth (when ``nvlink`` is off)
     min_tile_rows: int = 16    # smallest tile that still runs efficiently
+    row_align: int = 1         # tile cuts at multiples of this many rows (the kernels' row blocks)
     nvlink: bool = False       # NCCL over NVLink: link_models' model of it (fits per world size) instead
     # fixed cost per extra tile of each sublayer of a model's prefill (more kernels per tile than the block:
     # norms, the MLP, KV cache writes); None: tile_overhead_s
@@ -93,9 +94,10 @@ PROFILES = {
                          comm_latency_s=100e-6, comm_bus_bytes_s=2e9, min_tile_rows=16,
                          sublayer_tile_overhead_s=800e-6),
     "hopper": DeviceProfile("hopper", attn_flops=560e12, gemm_flops=680e12, tile_overhead_s=20e-6,
-                            comm_latency_s=78e-6, comm_bus_bytes_s=310e9, min_tile_rows=256, nvlink=True),
+                            comm_latency_s=78e-6, comm_bus_bytes_s=310e9, min_tile_rows=256, row_align=128,
+                            nvlink=True),
     "gpu": DeviceProfile("gpu", attn_flops=150e12, gemm_flops=250e12, tile_overhead_s=20e-6,
-                         comm_latency_s=20e-6, comm_bus_bytes_s=100e9, min_tile_rows=256),
+                         comm_latency_s=20e-6, comm_bus_bytes_s=100e9, min_tile_rows=256, row_align=128),
 }
 
 
@@ -221,7 +223,8 @@ def choose_stack_plan(cost: LayerCost, mask: Mask, layers: int, *, profile: Devi
     if cost.world_size == 1:
         return single
     best = single
-    for plan in candidate_plans(row_cost, options, max(options.min_tile_rows, profile.min_tile_rows))[1:]:
+    for plan in candidate_plans(row_cost, options, max(options.min_tile_rows, profile.min_tile_rows),
+                                profile.row_align)[1:]:
         pred = simulate_stack(plan, cost, mask, layers, profile, link, comm_model)
         if pred.block_s < best.block_s:
             best = pred
@@ -276,17 +279,20 @@ def refine(plan: TilePlan, predict, min_rows: int) -> Tuple[TilePlan, float]:
     return TilePlan(tuple(bounds)), best
 
 
-def candidate_plans(row_cost: torch.Tensor, options: TilePlanOptions, min_tile_rows: int) -> List[TilePlan]:
+def candidate_plans(row_cost: torch.Tensor, options: TilePlanOptions, min_tile_rows: int,
+                    align: int = 1) -> List[TilePlan]:
     rows = int(row_cost.numel())
     most = max(1, min(options.max_tiles, rows // max(1, min_tile_rows)))
-    return [cost_balanced_plan(row_cost, n, options.last_tile_share) for n in range(1, most + 1)]
+    return [cost_balanced_plan(row_cost, n, options.last_tile_share, align) for n in range(1, most + 1)]
 
 
 @dataclass
 class MeasuredPlans:
-    """Compute times of plans measured on this GPU for one shape (``tune.py``): [(bounds, seconds)]."""
+    """Plans measured on this GPU for one shape (``fastattn-dist tune``): compute alone, and where tune ran with
+    comm (a TP group, or the stand-in), whole blocks with each comm path and stream mode."""
 
     plans: List[Tuple[Tuple[int, ...], float, str]] = field(default_factory=list)  # (bounds, seconds, streams)
+    full: List[Tuple[Tuple[int, ...], str, str, float]] = field(default_factory=list)  # (bounds, comm, streams, s)
 
 
 def choose_plan(cost: BlockCost, mask: Mask, *, profile: DeviceProfile, link: Optional[LinkModel] = None,
@@ -311,7 +317,7 @@ def choose_plan(cost: BlockCost, mask: Mask, *, profile: DeviceProfile, link: Op
         return single
     min_rows = max(options.min_tile_rows, profile.min_tile_rows)
     best = single
-    for plan in candidate_plans(row_cost, options, min_rows)[1:]:
+    for plan in candidate_plans(row_cost, options, min_rows, profile.row_align)[1:]:
         plan, _ = refine(plan, lambda p: sim(p).block_s, min_rows)
         pred = sim(plan)
         if pred.block_s < best.block_s:
@@ -349,6 +355,11 @@ def choose(cost: BlockCost, mask: Mask, tiles, *, profile: DeviceProfile, comms:
            measured: Optional[MeasuredPlans] = None) -> Tuple[Prediction, str]:
     """The plan and the comm path for one call: ``tiles`` "auto" (the cost model), a fixed count or a plan; among
     several comm paths the one with the lowest predicted block time (the first one on a tie)."""
+    if tiles == "auto" and measured is not None and cost.world_size > 1:
+        timed = [(s, b, c, st) for b, c, st, s in measured.full if c in comms]
+        if timed:  # whole blocks timed with these comm paths: the fastest, comm and SM contention included
+            s, b, c, st = min(timed)
+            return Prediction(TilePlan(tuple(b)), s, s, 0.0, 0.0, streams=st), c
     best = None
     for name, opt in comms.items():
         if tiles == "auto":
@@ -367,7 +378,7 @@ def choose(cost: BlockCost, mask: Mask, tiles, *, profile: DeviceProfile, comms:
 def fixed_plan(cost: BlockCost, mask: Mask, num_tiles: int, *, profile: DeviceProfile,
                options: TilePlanOptions = TilePlanOptions()) -> TilePlan:
     """The cost-balanced plan for a tile count the user fixed (at most one tile per row)."""
-    return cost_balanced_plan(cost.row_costs(mask, profile), num_tiles, options.last_tile_share)
+    return cost_balanced_plan(cost.row_costs(mask, profile), num_tiles, options.last_tile_share, profile.row_align)
 
 
 def plans_to_time(cost: BlockCost, mask: Mask, profile: DeviceProfile, options: TilePlanOptions,
@@ -384,6 +395,6 @@ def plans_to_time(cost: BlockCost, mask: Mask, profile: DeviceProfile, options: 
     for n in counts:
         if n * min_rows > row_cost.numel() and n > 1:
             continue
-        plan = cost_balanced_plan(row_cost, n, options.last_tile_share)
+        plan = cost_balanced_plan(row_cost, n, options.last_tile_share, profile.row_align)
         out[n] = refine(plan, predict, min_rows)[0] if n > 1 and cost.world_size > 1 else plan
     return out

@@ -1,7 +1,9 @@
 """Tile plans measured on a GPU by ``fastattn-dist tune``: stored in a JSON profile, read by ``tiles="auto"``.
 
-Per shape the file holds the compute time of each plan tune timed (comm off, CUDA-graph replay); the cost
-model then simulates those plans with their measured times and the comm model (cost_model.choose_plan).
+Per block shape the file holds the compute time of each plan tune timed (comm off, CUDA-graph replay); the cost
+model then simulates those plans with their measured times and the comm model (cost_model.choose_plan). Per
+model shard and prompt shape (``tune --model``) it holds each plan's whole prefill time measured with the comm
+path on a slice of the model's layers, and the model's ``tiles="auto"`` takes the fastest.
 The file is ``$FASTATTN_TUNED_PROFILE`` or ``~/.cache/fastattn_dist/tuned.json``. Every rank computes the
 same plan only if every rank reads the same file.
 """
@@ -57,7 +59,30 @@ def lookup(device: torch.device, cost: BlockCost, mask: Mask) -> Optional[Measur
     e = _load(profile_path()).get(shape_key(device, cost, mask))
     if not e:
         return None
-    return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3, p["streams"]) for p in e["plans"]])
+    return MeasuredPlans([(tuple(p["bounds"]), p["compute_ms"] / 1e3, p["streams"]) for p in e["plans"]],
+                         [(tuple(p["bounds"]), p["comm"], p["streams"], p["ms"] / 1e3) for p in e.get("full", [])])
+
+
+def comm_label(comm) -> str:
+    """What a model plan was measured with: the comm path's time model (a stand-in's), or its kind."""
+    model = getattr(comm, "model", None)
+    return model.describe() if model is not None and hasattr(model, "describe") else type(comm).__name__
+
+
+def model_key(device: torch.device, shape, elem_bytes: int, batch: int, seq: int, comm, schedule: str) -> str:
+    """A model shard's prompt shape (``shape``: its parallel.sharding.TPShape), the comm path and the schedule."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (f"model|{name}|{elem_bytes}B|b{batch}|s{seq}|h{shape.hidden_size}|hl{shape.local_heads}|"
+            f"kvl{shape.local_kv_heads}|d{shape.head_dim}|i{shape.local_intermediate}|tp{shape.world_size}|"
+            f"{schedule}|{comm_label(comm)}")
+
+
+def lookup_model_plan(device: torch.device, key: str) -> Optional[tuple]:
+    """The bounds of the fastest plan ``tune --model`` measured for this key, or None."""
+    if device.type != "cuda":
+        return None
+    e = _load(profile_path()).get(key)
+    return tuple(e["best"]) if e else None
 
 
 def check_profile_writable(path: str) -> None:

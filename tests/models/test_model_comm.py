@@ -61,3 +61,22 @@ def test_the_wavefront_schedule_computes_what_the_one_stream_schedule_does(tiny,
     with pytest.raises(ValueError, match="prefill_schedule"):
         from fastattn_dist.models.llama import LlamaForCausalLM
         LlamaForCausalLM.from_pretrained(tiny, prefill_schedule="zigzag")
+
+
+def test_tune_model_stores_the_fastest_plan_and_auto_takes_it(tiny, monkeypatch):
+    """``tune --model``'s measurement (here on CPU, in process, with the simulated link as the stand-in): every
+    plan timed, the fastest one stored under the shard's key; the model's tiles='auto' uses a stored plan."""
+    from fastattn_dist.models import llama as llama_mod
+    from fastattn_dist.models.bench_model import BenchModelOptions, tune_model
+
+    opts = BenchModelOptions(tiny, "tiny", torch.float32, repeats=1, warmup=0, layers=2, emulate_tp=2,
+                             rows=[(1, 64)], tile_counts=[1, 2, 3])
+    (key, entry), = tune_model(0, 1, opts).items()
+    assert key.startswith("model|cpu|4B|b1|s64|") and "tp2" in key and "simulated link" in key
+    times = {tuple(p["bounds"]): p["ms"] for p in entry["plans"]}
+    assert len(times) == 3 and entry["layers"] == 2 and tuple(entry["best"]) == min(times, key=times.get)
+    model = llama_mod.LlamaForCausalLM.from_pretrained(tiny)
+    monkeypatch.setattr(llama_mod, "lookup_model_plan", lambda device, k: (0, 10, 64) if k == model.tuned_key(1, 64)
+                        else None)
+    assert model.plan_for(1, 64, "auto").bounds == (0, 10, 64)
+    assert model.plan_for(1, 65, "auto").bounds != (0, 10, 65)  # another shape: the cost model's

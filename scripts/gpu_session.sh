@@ -6,7 +6,9 @@
 # when tune ran first), model (one GPU: bench-model --emulate-tp, rank 0 of 70b at TP=8 and 8b at TP=4 and 2,
 # and 8b at TP=1), trace (one GPU: the kernel trace of a 2-layer slice of 70b at TP=8, S=8K), decode (one GPU:
 # bench-model --model 7b at world size 1), real (2+ GPUs: bench and bench-model at TP=all GPUs, NCCL and
-# copy-engine paths, and the profiler's trace of one shape). TPS (default "4 2 8"), REPEATS, BENCH_ARGS,
+# copy-engine paths, and the profiler's trace of one shape), block (one GPU: tune then bench at TP=2 h4096 8K),
+# int8 (scripts/bench_int8_attention.py --quick), hostdecode (scripts/bench_host_decode.py: the host's memory
+# bandwidth and the CPU decode-attention kernel). TPS (default "4 2 8"), REPEATS, BENCH_ARGS,
 # MODEL_ARGS, T_* (step timeouts) adjust.
 # Writes under OUTDIR: session.log (everything printed), tuned.json, bench_*.json, trace_*.json/png, prof/...
 set -uo pipefail
@@ -23,7 +25,18 @@ env | grep -E '^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISAB
 run() { echo "+ $*" | tee -a "$LOG"; timeout "${T:-300}" "$@" 2>&1 | tee -a "$LOG"; }
 for step in $STEPS; do
   case $step in
-    tests) T=${T_TESTS:-200} run python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
+    tests) T=90 run python3 -m pytest tests/gpu/test_offload_gpu.py -q -p no:cacheprovider --tb=long
+           T=${T_TESTS:-200} run python3 -m pytest tests/gpu -q -p no:cacheprovider --tb=short -rfE \
+             --ignore=tests/gpu/test_offload_gpu.py ;;
+    block) export FASTATTN_TUNED_PROFILE="$OUT/tuned.json"  # tune (whole blocks with the stand-ins), then bench
+           T=${T_TUNE:-90} run python3 -m fastattn_dist tune --emulate-tp 2 --hidden 4096 --heads 32 --batch 1 \
+             --seq 8192 --repeats 10 --warmup 2 --out "$OUT/tuned.json"
+           T=${T_BENCH:-150} run python3 -m fastattn_dist bench --emulate-tp 2 --hidden 4096 --seq 8192 --batch 1 \
+             --repeats 10 --out "$OUT" ;;
+    int8) T=${T_INT8:-120} run python3 scripts/bench_int8_attention.py ${INT8_ARGS:---quick} --out "$OUT/int8"
+          cp "$OUT/int8/bench_int8_attention.json" "$OUT/" 2>/dev/null; rm -rf "$OUT/int8" ;;
+    hostdecode) T=${T_HOST:-150} run python3 scripts/bench_host_decode.py --out "$OUT/host_decode.json" \
+                  ${HOST_ARGS:---contexts 32768 131072 --batches 1 4 --max-seconds 100} ;;
     emulate) [ -f "$OUT/tuned.json" ] && export FASTATTN_TUNED_PROFILE="$OUT/tuned.json"
              for tp in ${TPS:-4 2 8}; do
                T=${T_BENCH:-170} run python3 -m fastattn_dist bench --emulate-tp "$tp" --repeats "${REPEATS:-15}" \

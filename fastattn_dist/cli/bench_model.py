@@ -234,7 +234,8 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", default=None, help="record the 1-tile and the tiled prefill: timeline, trace and "
                                                    "metrics into this folder")
     p.add_argument("--out", default=None, help="folder for the JSON: bench_model_<name>.json (bench_context_<name>.json "
-                                               "with --context), name = tiny, 7b, 7b-mha, or ckpt for a directory")
+                                               "with --context, bench_emulated_tp<N>_<name>.json with --emulate-tp), "
+                                               "name = the --model preset, or ckpt for a directory")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     g = p.add_argument_group("one rank of a TP=N model on one GPU (the comm stand-in; on CPU the simulated link)")
     g.add_argument("--emulate-tp", type=positive_int, default=None,

@@ -9,7 +9,7 @@
 # copy-engine paths, and the profiler's trace of one shape), block (one GPU: tune then bench at TP=2 h4096 8K),
 # int8 (scripts/bench_int8_attention.py --quick), hostdecode (scripts/bench_host_decode.py: the host's memory
 # bandwidth and the CPU decode-attention kernel). TPS (default "4 2 8"), REPEATS, BENCH_ARGS,
-# MODEL_ARGS, T_* (step timeouts) adjust.
+# MODEL_ARGS, STANDIN_PATH (model step: nccl or copy_engine), T_* (step timeouts) adjust.
 # Writes under OUTDIR: session.log (everything printed), tuned.json, bench_*.json, trace_*.json/png, prof/...
 set -uo pipefail
 OUT=${1:?output folder}
@@ -53,12 +53,13 @@ for step in $STEPS; do
              if [ "$1" -gt 1 ] && [ -z "${NO_TUNE:-}" ]; then
                seqs=${3:+${*:4}}
                T=${T_TUNE:-120} run python3 -m fastattn_dist tune --model "$2" --emulate-tp "$1" --batch 1 \
-                 --seq ${seqs:-2048 8192 32768} --repeats 5 --warmup 1 --out "$OUT/tuned.json"
+                 --seq ${seqs:-2048 8192 32768} --repeats 5 --warmup 1 --standin-path "${STANDIN_PATH:-nccl}" \
+                 --out "$OUT/tuned.json"
                [ -z "$seqs" ] && T=${T_TUNE:-120} run python3 -m fastattn_dist tune --model "$2" --emulate-tp "$1" \
-                 --batch 4 --seq 2048 --repeats 5 --warmup 1 --out "$OUT/tuned.json"
+                 --batch 4 --seq 2048 --repeats 5 --warmup 1 --standin-path "${STANDIN_PATH:-nccl}" --out "$OUT/tuned.json"
              fi
              T=${T_MODEL:-300} run python3 -m fastattn_dist bench-model --emulate-tp "$1" --model "$2" "${@:3}" \
-               --repeats "${REPEATS:-3}" --warmup 1 --out "$OUT" ${MODEL_ARGS:-}
+               --repeats "${REPEATS:-3}" --warmup 1 --standin-path "${STANDIN_PATH:-nccl}" --out "$OUT" ${MODEL_ARGS:-}
            done ;;
     trace) T=${T_TRACE:-150} run python3 scripts/trace_model_overlap.py --model 70b --tp 8 --layers 2 --seq 8192 \
              --out "$OUT" ;;

@@ -21,7 +21,8 @@ from ..profiler.metrics import format_runs
 from ..profiler.report import render
 from ..runner import run_job
 from .generate import check_world, offload_arg
-from .options import add_rank_options, launch_from_args, nonneg_int, out_dir, parse_dtype, positive_float, positive_int
+from .options import (add_rank_options, add_standin_path, launch_from_args, nonneg_int, out_dir, parse_dtype,
+                      positive_float, positive_int)
 
 EMULATION_ROWS = [(1, 2048), (1, 8192), (1, 32768), (4, 2048)]
 
@@ -55,7 +56,7 @@ def _emulation(args, gpu: bool) -> dict:
     if gpu:
         over = {k: v for k, v in (("latency_us", args.standin_latency_us), ("bus_gbps", args.standin_gbps),
                                   ("small_latency_us", args.standin_small_latency_us)) if v is not None}
-        standin = GpuLinkModel.for_world_size(max(2, n), **over) if n > 1 else None
+        standin = GpuLinkModel.for_world_size(max(2, n), path=args.standin_path, **over) if n > 1 else None
     rows = [(b, s) for b, s in ([(args.batch, s) for s in args.seq] if args.seq else EMULATION_ROWS)]
     if not gpu and not args.seq:
         rows = [(1, 96), (2, 40)]  # CPU: the code path on small prompts
@@ -250,4 +251,5 @@ def add_parser(sub) -> None:
                    help="the stand-in's latency below 256 KiB (default: link_models.py's figure for the TP size)")
     g.add_argument("--standin-gbps", type=positive_float, default=None,
                    help="the stand-in's bus bandwidth in GB/s (default: the fit for the TP size)")
+    add_standin_path(g)
     p.set_defaults(func=cmd_bench_model)

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..files import check_writable_dir
+from ..parallel.link_models import PATHS as STANDIN_PATHS
 from ..parallel.process_group import DEFAULT_TIMEOUT_S
 from ..runner import Launch
 
@@ -101,6 +102,13 @@ def add_link_options(p: argparse.ArgumentParser):
     g.add_argument("--link-gbps", type=float, default=0.08,
                    help="link bus bandwidth in GB/s (default 0.08: NVLink scaled to CPU compute speed)")
     g.add_argument("--no-link", action="store_true", help="no link model: real gloo transfers only")
+
+
+def add_standin_path(g) -> None:
+    """The comm path the GPU stand-in plays for a model (bench-model and tune --model with --emulate-tp)."""
+    g.add_argument("--standin-path", choices=STANDIN_PATHS, default="nccl",
+                   help="what the stand-in holds while it runs: nccl (16 CTAs of SMs, as NCCL's ring kernels) or "
+                        "copy_engine (copy engines, no SMs; the symmetric-memory path); default nccl")
 
 
 def add_timing_options(p: argparse.ArgumentParser, repeats: int = 5, warmup: int = 1):

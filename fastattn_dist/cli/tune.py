@@ -30,7 +30,7 @@ from ..tuning.cost_model import BlockCost, TilePlanOptions, plans_to_time, profi
 from ..models.bench_model import BenchModelOptions, tune_model
 from ..models.presets import SHAPES, model_config, resolve_model
 from ..tuning.measured import ENV, check_profile_writable, profile_path, shape_key, store
-from .options import DTYPES, add_rank_options, launch_from_args, nonneg_int, positive_int
+from .options import DTYPES, add_rank_options, add_standin_path, launch_from_args, nonneg_int, positive_int
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def add_parser(sub) -> None:
                    "whole prefills of a slice of its layers per plan, with the comm path it runs (the stand-in with "
                    "--emulate-tp); the model's tiles='auto' then takes the fastest")
     g.add_argument("--layers", type=positive_int, default=8, help="layers of the slice (default 8)")
+    add_standin_path(g)
     p.set_defaults(func=cmd_tune)
 
 
@@ -174,6 +175,8 @@ def _tune_model(args, launch) -> int:
     check_profile_writable(path_out)
     opts = BenchModelOptions(path, args.model, DTYPES[args.dtype], repeats=args.repeats, warmup=args.warmup,
                              layers=args.layers, emulate_tp=args.emulate_tp,
+                             standin=(GpuLinkModel.for_world_size(args.emulate_tp, path=args.standin_path)
+                                      if args.emulate_tp and args.emulate_tp > 1 else None),
                              rows=[(b, s) for b in args.batch for s in args.seq],
                              tile_counts=list(range(1, args.max_tiles + 1)))
     entries = run_job(tune_model, launch, (opts,), label="tune")

@@ -189,3 +189,21 @@ def test_bench_model_emulates_one_rank_of_tp2_on_cpu(tiny, tmp_path):
 ])
 def test_bench_model_emulation_bad_input_is_one_line(tiny, args, match):
     assert_one_line_error("bench-model", tiny, args, match)
+
+
+def test_bench_model_standin_options_reach_the_gpu_stand_in():
+    """On a GPU, --standin-path and the latency overrides build the stand-in's model (built here without a GPU:
+    the model is plain data); a path it does not know is refused by the parser (one line, rc 2)."""
+    from fastattn_dist.cli.bench_model import _emulation
+    from fastattn_dist.cli import build_parser
+
+    args = build_parser().parse_args(["bench-model", "--model", "8b", "--emulate-tp", "4", "--standin-path",
+                                      "copy_engine", "--standin-small-latency-us", "9"])
+    m = _emulation(args, gpu=True)["standin"]
+    assert m.path == "copy_engine" and m.small_latency_us == 9 and m.latency_us == 131
+    assert "no SMs" in m.describe()
+    args = build_parser().parse_args(["bench-model", "--model", "8b", "--emulate-tp", "2"])
+    assert _emulation(args, gpu=True)["standin"].path == "nccl"
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench-model", "--emulate-tp", "2", "--standin-path", "nvls"])
+    assert e.value.code == 2

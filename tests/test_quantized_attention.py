@@ -23,8 +23,10 @@ from fastattn_dist.attention import quantized as qz  # noqa: E402
 from fastattn_dist.reference_block import attention64  # noqa: E402
 
 try:
-    if "fastattn_dist.attention.triton_int8" in sys.modules:  # imported earlier without the interpreter
-        importlib.reload(sys.modules["fastattn_dist.attention.triton_int8"])
+    # imported earlier without the interpreter: rebuild (triton_int8 calls triton_fa's key-range helper)
+    for _mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_int8"):
+        if _mod in sys.modules:
+            importlib.reload(sys.modules[_mod])
     from fastattn_dist.attention import triton_int8
     INTERPRETED = triton_int8.INTERPRETED
 except ImportError:  # pragma: no cover - depends on the install

@@ -376,17 +376,34 @@ def quantized_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_p_max(p_max)
     m = resolve_mask(mask)
     m.validate(q.shape[0], k.shape[1])
+    kv = quantize_kv(k, v, precision=precision, smooth_k=smooth_k, key_lengths=m.key_lengths,
+                     v_granularity=v_granularity)
+    return attention_quantized_kv_torch(q, kv, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
+                                        block_n=block_n, p_max=p_max)
+
+
+def attention_quantized_kv_torch(q: torch.Tensor, kv: QuantizedKV, mask: Mask, *, q_offset: int = 0,
+                                 scale: Optional[float] = None, return_lse: bool = False,
+                                 out: Optional[torch.Tensor] = None, block_n: int = DEFAULT_BLOCK_N,
+                                 p_max: str = "block"):
+    """``triton_int8.triton_attention_quantized_kv`` in torch: q [B, Sq, Hq, D] (quantized here, per row)
+    against K/V quantized once (``quantize_kv``), so row tiles of one call share one quantization."""
     if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"block_n must be an int >= 1, got {block_n!r}")
-    qq, kv = quantize_qkv(q, k, v, smooth_k=smooth_k, precision=precision, scale=scale,
-                          key_lengths=m.key_lengths, v_granularity=v_granularity)
-    res = attention_from_quantized(qq, kv, m, q_offset=q_offset, out_dtype=q.dtype, return_lse=return_lse,
-                                   block_n=block_n, key_lengths=m.key_lengths, q=q, scale=scale, p_max=p_max)
+    qq = quantize_q(q, precision=precision_of(kv), scale=scale)
+    res = attention_from_quantized(qq, kv, mask, q_offset=q_offset, out_dtype=q.dtype, return_lse=return_lse,
+                                   block_n=block_n, key_lengths=mask.key_lengths, q=q, scale=scale, p_max=p_max)
     o = res[0] if return_lse else res
     if out is not None:
         out.copy_(o)
         o = out
     return (o, res[1]) if return_lse else o
+
+
+def batch_slice(kv: QuantizedKV, b0: int, b1: int) -> QuantizedKV:
+    """Sequences b0..b1-1 of ``kv`` (views: statistics are per sequence, so the slice is their quantization)."""
+    return QuantizedKV(kv.k[b0:b1], kv.k_scale[b0:b1], kv.k_mean[b0:b1], kv.v_t[b0:b1], kv.v_scale[b0:b1],
+                       kv.qk_fmt, kv.pv_fmt, kv.head_dim, kv.seq_k)
 
 
 def naive_fp8_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike = "causal", *,

@@ -48,6 +48,7 @@ class Int8KV:
     v: torch.Tensor
     v_scale: torch.Tensor
     mean_fixed: List[bool] = field(default_factory=list)
+    mean_written: Optional[object] = None  # CUDA: an event after the mean's write (tiles on other streams wait)
 
     @classmethod
     def zeros(cls, batch: int, capacity: int, kv_heads: int, head_dim: int, device) -> "Int8KV":
@@ -66,15 +67,21 @@ class Int8KV:
 
     def reset(self) -> None:
         self.mean_fixed = [False] * self.k.shape[0]
+        self.mean_written = None
 
     def fix_mean(self, b0: int, b1: int, k: torch.Tensor) -> None:
         """Sequences b0..b1-1 without a mean take the mean of ``k`` [b1 - b0, n, Hkv, D] over its tokens."""
+        if self.mean_written is not None:  # a wavefront prefill writes tiles on several streams: the means first
+            torch.cuda.current_stream().wait_event(self.mean_written)
         todo = [b for b in range(b0, b1) if not self.mean_fixed[b]]
         if todo:
             idx = torch.tensor([b - b0 for b in todo], device=k.device)
             self.k_mean[todo] = k.index_select(0, idx).float().mean(1)
             for b in todo:
                 self.mean_fixed[b] = True
+            if k.is_cuda:
+                self.mean_written = torch.cuda.Event()
+                self.mean_written.record()
 
     def write(self, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """``k``, ``v`` [b1 - b0, n, Hkv, D] at positions [start, start + n) of sequences b0..b1-1."""

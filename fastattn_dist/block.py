@@ -275,7 +275,8 @@ class TPAttention(nn.Module):
         at an 8-bit ``attn_precision`` a ``QuantizedLayerKV`` over it (``complete``: ``kv`` holds every key)."""
         if self.attn_precision == "bf16":
             return kv
-        return QuantizedLayerKV(kv, self.attn_precision, complete=complete, key_lengths=key_lengths)
+        return QuantizedLayerKV(kv, self.attn_precision, complete=complete, key_lengths=key_lengths,
+                                backend=self.backend)
 
     def _rope(self, t: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
         return t if self.rotary is None else self.rotary.apply(t, positions)

@@ -71,7 +71,7 @@ class LayerKV:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
-        self.batch, self.capacity = k.shape[0], k.shape[1]
+        self.batch, self.capacity, self.device = k.shape[0], k.shape[1], k.device
 
     @classmethod
     def empty(cls, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype, device) -> "LayerKV":
@@ -107,7 +107,7 @@ class Int8LayerKV(LayerKV):
 
     def __init__(self, q8: Int8KV, dtype: torch.dtype) -> None:  # no 16-bit buffers of its own
         self.q8, self.dtype = q8, dtype
-        self.batch, self.capacity = q8.k.shape[0], q8.k.shape[1]
+        self.batch, self.capacity, self.device = q8.k.shape[0], q8.k.shape[1], q8.k.device
 
     def write(self, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.q8.write(b0, b1, start, k, v)
@@ -119,12 +119,16 @@ class Int8LayerKV(LayerKV):
 class QuantizedLayerKV:
     """A KV sink whose attention runs the 8-bit kernels at ``precision`` over the keys ``source`` holds (a
     ``LayerKV``); ``complete``: ``source`` holds every key of the call already (the module docstring), whose key
-    lengths are ``key_lengths``."""
+    lengths are ``key_lengths``: they are quantized here, for ``backend``'s kernel, on the current stream, before
+    tiles on other CUDA streams read them (the block forks its tile streams after this)."""
 
     def __init__(self, source: LayerKV, precision: str, *, complete: bool = False,
-                 key_lengths: Optional[torch.Tensor] = None) -> None:
+                 key_lengths: Optional[torch.Tensor] = None, backend: str = "auto") -> None:
         self.source, self.precision, self.complete, self.key_lengths = source, precision, complete, key_lengths
         self._cached = None  # (what was quantized, its QuantizedKV): valid until the next write
+        if complete:
+            which = quantized_kernel_for(backend, source.device, precision)
+            self._quantized(which, 0, source.batch, source.capacity, None)
 
     def write(self, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.complete:

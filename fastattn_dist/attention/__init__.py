@@ -89,8 +89,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike 
 
     ``mask``: "causal", "none", or a Mask object. ``q_offset``: query row i sits at absolute
     position ``q_offset + i`` (a tile of rows of a longer sequence). ``out``: a ``[B, Sq, Hq, D]``
-    tensor (a view into a larger buffer is fine) that receives the result. ``block_q``/``block_k``:
-    the torch kernel's tile sizes. ``precision``: "bf16" (no quantization) or "int8", "fp8", "int8-fp8"
+    tensor (a view into a larger buffer is fine) that receives the result. ``block_q``/``block_k``/``stats``:
+    the torch kernel's tile sizes and block counts (unused at an 8-bit precision). ``precision``: "bf16" (no quantization) or "int8", "fp8", "int8-fp8"
     (the module docstring; fp16/bf16/fp32 inputs). Returns ``out``, or ``(out, lse)`` with ``lse``
     ``[B, Hq, Sq]`` float32 (natural log) when ``return_lse``.
     """

@@ -10,6 +10,14 @@ tiles before); without one, q/k/v runs over all rows first and the tiles then at
 
 A model chains these per-tile pieces with its MLPs (models/prefill.py): ``tile_rows`` is the sublayer's work
 for the rows of one tile, the same code the block's ``forward`` runs.
+
+``attn_precision`` "int8" / "fp8" / "int8-fp8": every tile attends through the 8-bit kernels (a
+``kv.QuantizedLayerKV`` sink). The block quantizes K/V once per call, over all its keys (the method's statistics),
+so its causal ``forward`` projects q/k/v for all rows before the first tile (as the non-causal path does):
+every tile then reads the same 8-bit keys, so a row's attention does not depend on the tiling (on the CPU
+torch path up to float32 ulps of torch's vectorised exp2; the o_proj GEMM rounds per tile as in the bf16 block).
+The cost: the q/k/v GEMM of later tiles no longer overlaps the first tiles' all-reduces. The model's tiles, whose keys arrive
+tile by tile, quantize the keys each one needs (kv.py says why).
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import torch
 from torch import nn
 
 from .attention import available, resolve_backend
-from .kv import KVSink, LayerKV, TileOrder
+from .kv import KVSink, LayerKV, QuantizedLayerKV, TileOrder
 from .lru import LRUCache
 from .masks import Mask, MaskLike, resolve_mask
 from .parallel.checks import check_same_on_all_ranks
@@ -136,6 +144,8 @@ class TPAttention(nn.Module):
     "auto" (default: per shape, "one" when the cost model finds the block comm-bound, else "overlap"), or one of
     parallel/layers.py's modes. ``head_dim``: default hidden / heads; ``rotary``: a ``Rotary`` (default: one of
     ``rope_theta``, or none); ``qkv_bias``/``o_bias``: projections with biases (Qwen2, some Llamas).
+    ``attn_precision``: "bf16" (default: no quantization) or 8-bit attention, "int8", "fp8", "int8-fp8" (the
+    module docstring; ``fastattn_dist.attention``'s ``precision``).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
@@ -145,7 +155,7 @@ class TPAttention(nn.Module):
                  profile: Optional[DeviceProfile] = None, plan_options: TilePlanOptions = TilePlanOptions(),
                  cuda_graph: bool = False, comm="nccl", check_inputs: bool = False, tile_streams: str = "auto",
                  head_dim: Optional[int] = None, rotary: Optional[Rotary] = None, qkv_bias: bool = False,
-                 o_bias: bool = False):
+                 o_bias: bool = False, attn_precision: str = "bf16"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         world, rank = comm_world_rank(comm, group)
@@ -167,10 +177,11 @@ class TPAttention(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.qkv = ColumnParallelLinear(hidden_size, sum(s.qkv_split), bias=qkv_bias, **kw)
         self.o_proj = TiledRowParallelLinear(s.local_heads * s.head_dim, hidden_size, bias=o_bias, **kw)
-        why = available(backend, self.o_proj.weight.device)
+        why = available(backend, self.o_proj.weight.device, attn_precision)
         if why:
             raise ValueError(why)
-        self.backend = resolve_backend(backend, self.o_proj.weight.device)
+        self.backend = resolve_backend(backend, self.o_proj.weight.device, attn_precision)
+        self.attn_precision = attn_precision
         self.recorder = None  # a SpanRecorder, or None (off: costs nothing)
         self.last_plan: Optional[TilePlan] = None
         self.last_comm: Optional[str] = None  # the comm path the last call used
@@ -258,6 +269,14 @@ class TPAttention(nn.Module):
         q, k, v = self.qkv(x_rows).split(s.qkv_split, dim=-1)
         D = s.head_dim
         return q.view(-1, s.local_heads, D), k.view(-1, s.local_kv_heads, D), v.view(-1, s.local_kv_heads, D)
+
+    def sink_for(self, kv: LayerKV, complete: bool = False, key_lengths: Optional[torch.Tensor] = None) -> KVSink:
+        """The sink this sublayer's tiles write and attend through, over the keys ``kv`` holds: ``kv`` itself, or
+        at an 8-bit ``attn_precision`` a ``QuantizedLayerKV`` over it (``complete``: ``kv`` holds every key)."""
+        if self.attn_precision == "bf16":
+            return kv
+        return QuantizedLayerKV(kv, self.attn_precision, complete=complete, key_lengths=key_lengths,
+                                backend=self.backend)
 
     def _rope(self, t: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
         return t if self.rotary is None else self.rotary.apply(t, positions)
@@ -370,7 +389,8 @@ class TPAttention(nn.Module):
         rec, s = self.recorder, self.shape
         B, S = inputs[0].shape[:2]
         comm.enable_timing(rec is not None)
-        if entry == "forward" and m.causal:  # q/k/v tile by tile: tile i's keys are all it and earlier tiles need
+        if entry == "forward" and m.causal and self.attn_precision == "bf16":
+            # q/k/v tile by tile: tile i's keys are all it and earlier tiles need
             x = inputs[0].reshape(B * S, -1)
             sink = LayerKV.empty(B, S, s.local_kv_heads, s.head_dim, x.dtype, x.device)
             positions = None
@@ -381,13 +401,13 @@ class TPAttention(nn.Module):
 
             def produce(i: int, r0: int, r1: int) -> torch.Tensor:
                 return self.tile_rows(x[r0:r1], r0, r1, S, sink, m, positions, 0, i, order)
-        else:  # every tile attends to every row's keys: project all rows first
+        else:  # every tile attends to every row's keys (or to 8-bit keys quantized once): project all rows first
             if entry == "forward":
                 with span(rec, "qkv"):
                     q, k, v = self.project_qkv(inputs[0])
             else:
                 q, k, v = inputs
-            sink = LayerKV(k, v)
+            sink = self.sink_for(LayerKV(k, v), complete=True, key_lengths=m.key_lengths)
 
             def produce(i: int, r0: int, r1: int) -> torch.Tensor:
                 return self._attend_rows(q, sink, r0, r1, S, m, i)
@@ -402,4 +422,5 @@ class TPAttention(nn.Module):
     def extra_repr(self) -> str:
         s = self.shape
         return (f"hidden={s.hidden_size}, heads={s.num_heads}, kv_heads={s.num_kv_heads}, "
-                f"tp={s.world_size}, rank={s.rank}, tiles={self.tiles}, backend={self.backend}")
+                f"tp={s.world_size}, rank={s.rank}, tiles={self.tiles}, backend={self.backend}"
+                + ("" if self.attn_precision == "bf16" else f", attn_precision={self.attn_precision}"))

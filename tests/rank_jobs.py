@@ -31,7 +31,7 @@ def block_grid(rank, world, cases):
     for name, c in cases:
         dtype = c.get("dtype", torch.float32)
         blk = fa.TPAttention(c["hidden"], c["heads"], c["kv_heads"], tiles="auto", dtype=dtype,
-                             rope_theta=c.get("rope"), link=c.get("link"))
+                             rope_theta=c.get("rope"), link=c.get("link"), attn_precision=c.get("attn_precision", "bf16"))
         blk.load_full_weights(*make_weights(c["hidden"], c["heads"], c["kv_heads"], dtype=dtype))
         x = make_input(c["batch"], c["seq"], c["hidden"], dtype=dtype)
         res = {}

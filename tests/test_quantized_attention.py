@@ -23,8 +23,10 @@ from fastattn_dist.attention import quantized as qz  # noqa: E402
 from fastattn_dist.reference_block import attention64  # noqa: E402
 
 try:
-    if "fastattn_dist.attention.triton_int8" in sys.modules:  # imported earlier without the interpreter
-        importlib.reload(sys.modules["fastattn_dist.attention.triton_int8"])
+    # imported earlier without the interpreter: rebuild (triton_int8 calls triton_fa's key-range helper)
+    for _mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_int8"):
+        if _mod in sys.modules:
+            importlib.reload(sys.modules[_mod])
     from fastattn_dist.attention import triton_int8
     INTERPRETED = triton_int8.INTERPRETED
 except ImportError:  # pragma: no cover - depends on the install
@@ -355,3 +357,45 @@ def test_kernel_padding_garbage_and_empty_rows():
     want, want_lse = qz.quantized_attention_torch(q, k, v, mask, return_lse=True, block_n=kernel_block_n())
     assert_same_arithmetic(out, want, "padding")
     assert_same_lse(lse, want_lse, "padding")
+
+
+# ------------------------------------------------------------------------------------------------
+# the kernel behind the entry points (fastattn_dist.attention, the block's sink)
+# ------------------------------------------------------------------------------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("precision", qz.PRECISIONS)
+def test_attention_entry_with_backend_triton_runs_the_kernel(precision):
+    from fastattn_dist import attention
+    from fastattn_dist.attention import select
+
+    B, Sq, Sk, off = 2, 37, 113, 76
+    q, k, v = make_qkv(B, Sq, Sk, 4, 2, 64, seed=53, outliers=True)
+    mask = make_mask("pad_causal", B, Sk)
+    assert select.kernel_for("triton", q, k, mask, off, True, precision) == "quantized-triton"
+    out, lse = attention(q, k, v, mask, q_offset=off, backend="triton", precision=precision, return_lse=True)
+    want, want_lse = triton_int8.triton_quantized_attention(q, k, v, mask, q_offset=off, precision=precision,
+                                                            return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@needs_interpreter
+def test_block_tiles_through_the_kernel():
+    """The block's 8-bit tiles on the Triton kernel against the block on the torch model (key blocks of 32 vs 64, so
+    P rounds a little differently: FLIP_TOL), and tiled == untiled (one quantization for every tile)."""
+    from fastattn_dist import TPAttention
+
+    H, heads, kv_heads, S = 128, 4, 2, 70
+    g = torch.Generator().manual_seed(59)
+    ws = [torch.randn(n, H, generator=g) * H ** -0.5 for n in (H, kv_heads * 32, kv_heads * 32)]
+    ws.append(torch.randn(H, H, generator=g) * H ** -0.5)
+    x = torch.randn(1, S, H, generator=g)
+    outs = {}
+    for backend in ("triton", "torch"):
+        blk = TPAttention(H, heads, kv_heads, tiles=1, rope_theta=1e4, backend=backend, attn_precision="int8")
+        blk.load_full_weights(*ws)
+        outs[backend] = (blk(x, tiles=1), blk(x, tiles=3))
+    for t in range(2):
+        err = (outs["triton"][t] - outs["torch"][t]).abs().max() / outs["torch"][t].abs().max()
+        assert err <= FLIP_TOL, err
+    assert (outs["triton"][1] - outs["triton"][0]).abs().max() <= 1e-6 * outs["triton"][0].abs().max()

@@ -13,6 +13,10 @@ a combine pass weighs the splits. Splits are sized from the cache's length, so t
 between steps; splits past a sequence's length return at once. Elsewhere the PyTorch kernel runs.
 Windows and several query rows with sequences of different lengths need per-sequence offsets: those
 go one sequence at a time.
+
+``quantized_decode_attention``: the same over an int8 cache (int8_kv.py): the split-K kernel reads the int8
+keys and values and their per-token scales (half the bytes of a 16-bit cache); elsewhere (CPU) the keys up to
+the longest sequence are dequantized and go the way above.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 
 from ..masks import Mask
 from . import run_kernel
+from .int8_kv import Int8KV
 from .select import decode_kernel_for, kernel_for
 
 
@@ -52,10 +57,23 @@ def num_splits(batch: int, kv_heads: int, cache_len: int, sms: int) -> int:
     return max(1, min(want, -(-cache_len // 256)))
 
 
+def quantized_decode_attention(q: torch.Tensor, cache: Int8KV, kv_len: torch.Tensor, *, window: Optional[int] = None,
+                               scale: Optional[float] = None, backend: str = "auto", return_lse: bool = False):
+    """``decode_attention`` over an int8 cache layer (see the module docstring); the same contract."""
+    which = decode_kernel_for(backend, q, window)
+    if which == "split":
+        return split_decode(q, cache.k, cache.v, kv_len, scale, return_lse=return_lse, quant=cache)
+    n = cache.k.shape[1] if q.is_cuda else int(kv_len.max())  # CPU: read the longest length (no graphs there)
+    k, v = cache.rows(0, q.shape[0], n, q.dtype)
+    return decode_attention(q, k, v, kv_len, window=window, scale=scale, backend=backend, return_lse=return_lse)
+
+
 def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor,
-                 scale: Optional[float] = None, splits: Optional[int] = None, return_lse: bool = False):
+                 scale: Optional[float] = None, splits: Optional[int] = None, return_lse: bool = False,
+                 quant: Optional[Int8KV] = None):
     """The split-K kernel and its combine; q ``[B, 1, Hq, D]``, caches ``[B, L, Hkv, D]`` (unit last stride).
-    With ``return_lse`` also the log-sum-exp ``[B, Hq, 1]`` (float32, natural log) of each row."""
+    With ``return_lse`` also the log-sum-exp ``[B, Hq, 1]`` (float32, natural log) of each row. ``quant``: the
+    caches are its int8 ``k``, ``v``; its scales and mean go to the kernel too."""
     import triton  # an optional extra: the split-K kernel runs where Triton does
 
     from .triton_decode import LOG2E, combine_kernel, split_kernel  # Triton kernels: loaded where they run
@@ -78,12 +96,13 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             raise ValueError("decode attention needs a unit stride on head_dim")
     dot_prec = "ieee" if q.dtype == torch.float32 and (INTERPRETED or not torch.backends.cuda.matmul.allow_tf32) \
         else "tf32"
+    qs = (quant.k_scale, quant.v_scale, quant.k_mean) if quant is not None else (k_cache, v_cache, k_cache)
     split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, kv_len, op, lp, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), op.stride(0), op.stride(1),
-        op.stride(2), lp.stride(0), lp.stride(1), lp.stride(2), Hkv, split_len, scale * LOG2E,
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, DOT_PREC=dot_prec,
-        INTERPRET=INTERPRETED, num_warps=4)
+        q, k_cache, v_cache, *qs, kv_len, op, lp, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), qs[0].stride(0), qs[0].stride(1),
+        op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1), lp.stride(2), Hkv, split_len,
+        scale * LOG2E, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, DOT_PREC=dot_prec,
+        QUANT=quant is not None, INTERPRET=INTERPRETED, num_warps=4)
     # every sequence holds >= 1 key, so one split at least has a finite lse
     out = torch.empty(B, 1, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=q.device) if return_lse else None

@@ -60,6 +60,7 @@ from typing import Optional
 import torch
 
 from ..masks import Mask, MaskLike, resolve_mask
+from .reference import reference_attention
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -79,6 +80,11 @@ def formats(precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return {"int8": ("int8", "int8"), "fp8": ("fp8", "fp8"), "int8-fp8": ("int8", "fp8")}[precision]
+
+
+def precision_of(kv: "QuantizedKV") -> str:
+    """The ``precision`` name of a QuantizedKV's formats."""
+    return {("int8", "int8"): "int8", ("fp8", "fp8"): "fp8", ("int8", "fp8"): "int8-fp8"}[(kv.qk_fmt, kv.pv_fmt)]
 
 
 def check_p_max(p_max: str) -> None:
@@ -275,6 +281,50 @@ def _visible(mask: Mask, q_pos: torch.Tensor, k_pos: torch.Tensor, lens: torch.T
     return ok[:, None, None]
 
 
+def _key_block(state, qd, sq, kv: QuantizedKV, ks: int, ke: int, mask: Mask, q_pos, lens, p_max: str):
+    """One aligned key block [ks, ke) of the kernel's loop: 8-bit scores, online softmax, 8-bit P @ V.
+    ``state`` = (m, l, acc), [B, Hkv, G, Sq(, D)]; returns the updated state."""
+    m, l, acc = state
+    D, dev = kv.head_dim, qd.device
+    kb = kv.k[:, :, None, ks:ke, :D].double()                                    # [B, Hkv, 1, n, D]
+    qk = (qd @ kb.transpose(-1, -2)).float()                                     # exact integers (int8)
+    s = qk * sq[..., None] * kv.k_scale[:, :, None, None, ks:ke]
+    vis = _visible(mask, q_pos, torch.arange(ks, ke, device=dev), lens)
+    s = torch.where(vis, s, float("-inf"))
+    m_blk = s.amax(-1)
+    m_new = torch.maximum(m, m_blk)
+    m_use = torch.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp2 gives 0, not NaN
+    alpha = torch.exp2(m - m_use)
+    if p_max == "block":
+        m_ref = torch.where(m_blk == float("-inf"), 0.0, m_blk)
+        beta = torch.exp2(m_blk - m_use)
+    else:
+        m_ref = m_use
+    # R * exp2(s - m) as exp2(s - (m - log2 R)), the kernel's form
+    p8, pq = quantize_p(torch.exp2(s - (m_ref - math.log2(qmax(kv.pv_fmt)))[..., None]), kv.pv_fmt)
+    vb = kv.v_t[:, :, None, :D, ks:ke].double().transpose(-1, -2)                # [B, Hkv, 1, n, D]
+    pv = (pq.double() @ vb).float()
+    if p_max == "block":
+        l = l * alpha + pq.sum(-1) * beta
+        acc = acc * alpha[..., None] + pv * beta[..., None]
+    else:
+        l = l * alpha + pq.sum(-1)
+        acc = acc * alpha[..., None] + pv
+    return m_new, l, acc
+
+
+def _lse_of(m, l, kv: QuantizedKV, q: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """The natural-log LSE [B, Hkv, G, Sq] of the unsmoothed scores: the loop's base-2 m + log2 l, the fixed P
+    scale back out, and + q . mean (base 2) from the unquantized ``q`` [B, Sq, Hq, D]."""
+    B, Hkv, G, Sq = m.shape
+    D = kv.head_dim
+    l_safe = torch.where(l == 0, 1.0, l)
+    qf = q.float().transpose(1, 2).reshape(B, Hkv, G, Sq, D)
+    shift = (qf * kv.k_mean[:, :, None, None, :]).sum(-1) * (softmax_scale(scale, D) * LOG2E)
+    lse2 = m + torch.log2(l_safe) - math.log2(qmax(kv.pv_fmt)) + shift
+    return torch.where(l == 0, float("-inf"), lse2 * LN2)
+
+
 def attention_from_quantized(qq: QuantizedQ, kv: QuantizedKV, mask: Mask, *, q_offset: int = 0,
                              out_dtype=torch.float32, return_lse: bool = False, block_n: int = DEFAULT_BLOCK_N,
                              key_lengths: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None,
@@ -286,6 +336,8 @@ def attention_from_quantized(qq: QuantizedQ, kv: QuantizedKV, mask: Mask, *, q_o
     smoothing term.
     """
     check_p_max(p_max)
+    if return_lse and q is None:
+        raise ValueError("the LSE needs the unquantized q (its smoothing term q . mean)")
     B, Hq, Sq, D = qq.q.shape
     Hkv, Sk = kv.k.shape[1], kv.seq_k
     G = Hq // Hkv
@@ -293,53 +345,20 @@ def attention_from_quantized(qq: QuantizedQ, kv: QuantizedKV, mask: Mask, *, q_o
     lens = (torch.full((B,), Sk, dtype=torch.int32, device=dev) if key_lengths is None
             else key_lengths.to(device=dev, dtype=torch.int32).clamp(max=Sk))
     # [B, Hkv, G, Sq, *]: one matmul per block serves a GQA group
-    q8 = qq.q.view(B, Hkv, G, Sq, D)
-    qd = q8.double()
+    qd = qq.q.view(B, Hkv, G, Sq, D).double()
     sq = qq.scale.view(B, Hkv, G, Sq)
-    m = torch.full((B, Hkv, G, Sq), float("-inf"), device=dev)
-    l = torch.zeros(B, Hkv, G, Sq, device=dev)
-    acc = torch.zeros(B, Hkv, G, Sq, D, device=dev)
+    state = (torch.full((B, Hkv, G, Sq), float("-inf"), device=dev), torch.zeros(B, Hkv, G, Sq, device=dev),
+             torch.zeros(B, Hkv, G, Sq, D, device=dev))
     q_pos = torch.arange(Sq, device=dev) + q_offset
     for ks in range(0, Sk, block_n):
-        ke = min(ks + block_n, Sk)
-        kb = kv.k[:, :, None, ks:ke, :D].double()                                # [B, Hkv, 1, n, D]
-        qk = (qd @ kb.transpose(-1, -2)).float()                                 # exact integers (int8)
-        s = qk * sq[..., None] * kv.k_scale[:, :, None, None, ks:ke]
-        vis = _visible(mask, q_pos, torch.arange(ks, ke, device=dev), lens)
-        s = torch.where(vis, s, float("-inf"))
-        m_blk = s.amax(-1)
-        m_new = torch.maximum(m, m_blk)
-        m_use = torch.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp2 gives 0, not NaN
-        alpha = torch.exp2(m - m_use)
-        if p_max == "block":
-            m_ref = torch.where(m_blk == float("-inf"), 0.0, m_blk)
-            beta = torch.exp2(m_blk - m_use)
-        else:
-            m_ref = m_use
-        # R * exp2(s - m) as exp2(s - (m - log2 R)), the kernel's form
-        p8, pq = quantize_p(torch.exp2(s - (m_ref - math.log2(qmax(kv.pv_fmt)))[..., None]), kv.pv_fmt)
-        vb = kv.v_t[:, :, None, :D, ks:ke].double().transpose(-1, -2)            # [B, Hkv, 1, n, D]
-        pv = (pq.double() @ vb).float()
-        if p_max == "block":
-            l = l * alpha + pq.sum(-1) * beta
-            acc = acc * alpha[..., None] + pv * beta[..., None]
-        else:
-            l = l * alpha + pq.sum(-1)
-            acc = acc * alpha[..., None] + pv
-        m = m_new
+        state = _key_block(state, qd, sq, kv, ks, min(ks + block_n, Sk), mask, q_pos, lens, p_max)
+    m, l, acc = state
     l_safe = torch.where(l == 0, 1.0, l)
     o = acc * kv.v_scale[:, :, None, None, :] / l_safe[..., None]
     out = o.view(B, Hq, Sq, D).transpose(1, 2).to(out_dtype)
     if not return_lse:
         return out
-    if q is None:
-        raise ValueError("the LSE needs the unquantized q (its smoothing term q . mean)")
-    # back to the scores of the unsmoothed keys: + q . mean (base 2), from the unquantized q
-    qf = q.float().transpose(1, 2).reshape(B, Hkv, G, Sq, D)
-    shift = (qf * kv.k_mean[:, :, None, None, :]).sum(-1) * (softmax_scale(scale, D) * LOG2E)
-    lse2 = m + torch.log2(l_safe) - math.log2(qmax(kv.pv_fmt)) + shift
-    lse = torch.where(l == 0, float("-inf"), lse2 * LN2)
-    return out, lse.view(B, Hq, Sq)
+    return out, _lse_of(m, l, kv, q, scale).view(B, Hq, Sq)
 
 
 def quantized_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike = "causal", *,
@@ -357,12 +376,23 @@ def quantized_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_p_max(p_max)
     m = resolve_mask(mask)
     m.validate(q.shape[0], k.shape[1])
+    kv = quantize_kv(k, v, precision=precision, smooth_k=smooth_k, key_lengths=m.key_lengths,
+                     v_granularity=v_granularity)
+    return attention_quantized_kv_torch(q, kv, m, q_offset=q_offset, scale=scale, return_lse=return_lse, out=out,
+                                        block_n=block_n, p_max=p_max)
+
+
+def attention_quantized_kv_torch(q: torch.Tensor, kv: QuantizedKV, mask: Mask, *, q_offset: int = 0,
+                                 scale: Optional[float] = None, return_lse: bool = False,
+                                 out: Optional[torch.Tensor] = None, block_n: int = DEFAULT_BLOCK_N,
+                                 p_max: str = "block"):
+    """``triton_int8.triton_attention_quantized_kv`` in torch: q [B, Sq, Hq, D] (quantized here, per row)
+    against K/V quantized once (``quantize_kv``), so row tiles of one call share one quantization."""
     if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"block_n must be an int >= 1, got {block_n!r}")
-    qq, kv = quantize_qkv(q, k, v, smooth_k=smooth_k, precision=precision, scale=scale,
-                          key_lengths=m.key_lengths, v_granularity=v_granularity)
-    res = attention_from_quantized(qq, kv, m, q_offset=q_offset, out_dtype=q.dtype, return_lse=return_lse,
-                                   block_n=block_n, key_lengths=m.key_lengths, q=q, scale=scale, p_max=p_max)
+    qq = quantize_q(q, precision=precision_of(kv), scale=scale)
+    res = attention_from_quantized(qq, kv, mask, q_offset=q_offset, out_dtype=q.dtype, return_lse=return_lse,
+                                   block_n=block_n, key_lengths=mask.key_lengths, q=q, scale=scale, p_max=p_max)
     o = res[0] if return_lse else res
     if out is not None:
         out.copy_(o)
@@ -370,13 +400,17 @@ def quantized_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (o, res[1]) if return_lse else o
 
 
+def batch_slice(kv: QuantizedKV, b0: int, b1: int) -> QuantizedKV:
+    """Sequences b0..b1-1 of ``kv`` (views: statistics are per sequence, so the slice is their quantization)."""
+    return QuantizedKV(kv.k[b0:b1], kv.k_scale[b0:b1], kv.k_mean[b0:b1], kv.v_t[b0:b1], kv.v_scale[b0:b1],
+                       kv.qk_fmt, kv.pv_fmt, kv.head_dim, kv.seq_k)
+
+
 def naive_fp8_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike = "causal", *,
                               q_offset: int = 0, return_lse: bool = False, out: Optional[torch.Tensor] = None,
                               scale: Optional[float] = None):
     """Baseline: Q, K, V each rounded to fp8 e4m3 with one scale per tensor (amax / 448), then exact
     attention (float64) on the dequantised values. Only the input rounding is lossy (P is not quantized)."""
-    from .reference import reference_attention
-
     check_inputs(q, k, v, "fp8", q_offset)
     check_out(out, q)
     m = resolve_mask(mask)

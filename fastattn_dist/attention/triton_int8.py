@@ -62,6 +62,7 @@ except ImportError:  # pragma: no cover
 
 from ..masks import Mask, MaskLike, resolve_mask
 from . import quantized as qz
+from .triton_fa import _key_range  # the bf16 kernel's key range and stages, shared
 from .quantized import LOG2E, QuantizedKV
 
 STATS_CHUNK = 256  # keys per program of pass 1
@@ -233,12 +234,11 @@ def _kv_quantize(K, V, KL, KMEAN, VINV, K8, KSC, VT, Sk, Sk_pad, Hkv,
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
-                 lo, hi, q_pos, window,
-                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
-                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
-                 D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
-    """One key block [start_n, start_n + BLOCK_N): 8-bit scores, online softmax, 8-bit P @ V."""
+def _qattn_scores(q8, sq, start_n, k_ptrs, ks_ptrs, k_desc, k_row0, lo, hi, q_pos, window,
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+                  QK_FP8: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """The base-2 scores of key block [start_n, start_n + BLOCK_N) (-inf where masked) and which keys are in
+    [lo, hi): 8-bit Q K^T, dequantised by the per-token scales."""
     k_pos = start_n + tl.arange(0, BLOCK_N)
     # keys outside [lo, hi) are invisible to every row: masked loads never read them
     kv_ok = (k_pos >= lo) & (k_pos < hi)
@@ -264,8 +264,16 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         if HAS_WINDOW:
             vis = vis & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(vis, s, float("-inf"))
-        m_blk = tl.max(s, 1)
-        m_new = tl.maximum(m_i, m_blk)
+    return s, kv_ok
+
+
+@triton.jit
+def _qattn_max(s, m_i, MASKED: tl.constexpr, P_BLOCK_MAX: tl.constexpr):
+    """The online softmax's maxima for one block: (m_new, alpha = exp2(m_i - m_new), m_ref: the max P is
+    quantized against, beta = exp2(m_block - m_new); beta is unused with the running max)."""
+    m_blk = tl.max(s, 1)
+    m_new = tl.maximum(m_i, m_blk)
+    if MASKED:
         # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
@@ -274,17 +282,22 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
             beta = tl.math.exp2(m_blk - m_use)
         else:
             m_ref = m_use
+            beta = alpha
     else:
-        m_blk = tl.max(s, 1)
-        m_new = tl.maximum(m_i, m_blk)
         alpha = tl.math.exp2(m_i - m_new)
         if P_BLOCK_MAX:
             m_ref = m_blk
             beta = tl.math.exp2(m_blk - m_new)
         else:
             m_ref = m_new
-    # P at its fixed scale, R * exp2(s - m) as exp2(s - (m - log2 R)); the row sum counts the
-    # quantized weights P @ V will use
+            beta = alpha
+    return m_new, alpha, m_ref, beta
+
+
+@triton.jit
+def _qattn_p(s, m_ref, PV_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """P at its fixed scale, R * exp2(s - m) as exp2(s - (m - log2 R)), as 8 bits, and its row sum (the
+    quantized weights P @ V will use)."""
     if PV_FP8:
         p8 = _to_8bit(tl.math.exp2(s - (m_ref - 8.807354922057604)[:, None]), True, INTERPRET)  # log2(448)
         p_sum = tl.sum(p8.to(tl.float32), 1)
@@ -292,10 +305,13 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         y = tl.math.exp2(s - (m_ref - 6.9886846867721655)[:, None]) + 12582912.0  # log2(127); rounds to integer
         p_sum = tl.sum(y - 12582912.0, 1)
         p8 = y.to(tl.int32, bitcast=True).to(tl.int8)  # the low byte of 1.5 * 2^23 + n is n (0 <= n <= 127)
-    if P_BLOCK_MAX:
-        l_i = l_i * alpha + p_sum * beta
-    else:
-        l_i = l_i * alpha + p_sum
+    return p8, p_sum
+
+
+@triton.jit
+def _qattn_pv(p8, start_n, vt_ptrs, v_desc, v_row0, kv_ok, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+              PV_FP8: tl.constexpr):
+    """8-bit P @ V of one key block (V^T in memory: keys contiguous), as fp32."""
     if USE_TMA:
         v = v_desc.load([v_row0, start_n])  # [D_PAD, BLOCK_N]; beyond the keys: zeros (pass 3, TMA fill)
     elif MASKED:
@@ -303,12 +319,27 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
     else:
         v = tl.load(vt_ptrs + start_n)
     if PV_FP8:
-        pv = tl.dot(p8, tl.trans(v))
-    else:
-        pv = _small_int_to_f32(tl.dot(p8, tl.trans(v), out_dtype=tl.int32))  # 127^2 * BLOCK_N < 2^22
+        return tl.dot(p8, tl.trans(v))
+    return _small_int_to_f32(tl.dot(p8, tl.trans(v), out_dtype=tl.int32))  # 127^2 * BLOCK_N < 2^22
+
+
+@triton.jit
+def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
+                 lo, hi, q_pos, window,
+                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+    """One key block [start_n, start_n + BLOCK_N): 8-bit scores, online softmax, 8-bit P @ V."""
+    s, kv_ok = _qattn_scores(q8, sq, start_n, k_ptrs, ks_ptrs, k_desc, k_row0, lo, hi, q_pos, window, MASKED,
+                             IS_CAUSAL, HAS_WINDOW, USE_TMA, QK_FP8, BLOCK_N, D_PAD)
+    m_new, alpha, m_ref, beta = _qattn_max(s, m_i, MASKED, P_BLOCK_MAX)
+    p8, p_sum = _qattn_p(s, m_ref, PV_FP8, INTERPRET)
+    pv = _qattn_pv(p8, start_n, vt_ptrs, v_desc, v_row0, kv_ok, MASKED, USE_TMA, PV_FP8)
     if P_BLOCK_MAX:
+        l_i = l_i * alpha + p_sum * beta
         acc = acc * alpha[:, None] + pv * beta[:, None]
     else:
+        l_i = l_i * alpha + p_sum
         acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
 
@@ -337,6 +368,49 @@ def _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc
     return acc, l_i, m_i
 
 
+@triton.jit
+def _qattn_q_tile(Q, KMEAN, b, h, stat, offs_m, offs_d, d_ok, Sq, stride_qb, stride_qs, stride_qh, stride_qd,
+                  qk_scale, QK_FP8: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr):
+    """The program's Q tile, quantized in registers with one scale per row (folding softmax scale and log2 e):
+    (q8, its scales, the LSE's smoothing term q . mean in base 2 (zeros without an LSE))."""
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd)
+    qf = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & d_ok[None, :], other=0.0).to(tl.float32)
+    q_amax = tl.maximum(tl.max(tl.abs(qf), 1), 1e-30)
+    if QK_FP8:
+        q8 = _to_8bit(qf * _inverse_scale(q_amax, 448.0)[:, None], QK_FP8, INTERPRET)
+        sq = q_amax * (1.0 / 448.0) * qk_scale
+    else:
+        q8 = _to_8bit(qf * _inverse_scale(q_amax, 127.0)[:, None], QK_FP8, INTERPRET)
+        sq = q_amax * (1.0 / 127.0) * qk_scale
+    lse_shift = tl.zeros_like(q_amax)
+    if RETURN_LSE:
+        # the scores are of smoothed keys: the LSE gets q . mean back (base 2), from the unquantized q
+        # (the mean can be large: its product is the part of the score quantization would hurt most)
+        k_mean = tl.load(KMEAN + stat, mask=d_ok, other=0.0)
+        lse_shift = tl.sum(qf * k_mean[None, :], 1) * qk_scale
+    return q8, sq, lse_shift
+
+
+@triton.jit
+def _qattn_epilogue(acc, l_i, m_i, lse_shift, O, LSE, VSC, stat, b, h, pid_bh, offs_m, offs_d, d_ok, Sq,
+                    stride_ob, stride_os, stride_oh, stride_od, RETURN_LSE: tl.constexpr, PV_FP8: tl.constexpr):
+    """The fixed P scale cancels in acc / l; rows with no visible key give 0 and lse -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    sv = tl.load(VSC + stat, mask=d_ok, other=0.0)
+    o = acc * sv[None, :] / l_safe[:, None]
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
+    if RETURN_LSE:
+        if PV_FP8:  # the fixed P scale back out: log2(448), log2(127)
+            lse2 = m_i + tl.math.log2(l_safe) - 8.807354922057604 + lse_shift
+        else:
+            lse2 = m_i + tl.math.log2(l_safe) - 6.9886846867721655 + lse_shift
+        lse = tl.where(l_i == 0.0, float("-inf"), lse2 * 0.6931471805599453)
+        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
 # Sizes and offsets vary per tile: no per-value specialisation (one compile serves every tile).
 @triton.jit(do_not_specialize=["Sq", "Sk", "Sk_pad", "Hq", "Hkv", "G", "q_offset", "window",
                                "TUNE_Q", "TUNE_K", "TUNE_BH"])
@@ -355,55 +429,19 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
-    hk = h // G
-    bhk = b * Hkv + hk
+    bhk = b * Hkv + h // G
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     q_pos = q_offset + offs_m
-
-    # -- the key range this program needs, from the mask description (as triton_fa.py) ----------
-    kv_len = Sk
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
-    pos_min = q_offset + m0
-    pos_max = q_offset + tl.minimum(m0 + BLOCK_M, Sq) - 1
-    hi = kv_len
-    full_hi = kv_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, pos_max + 1)
-        full_hi = tl.minimum(full_hi, pos_min + 1)
-    lo = 0
-    full_lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(pos_min - window + 1, 0)
-        full_lo = tl.maximum(pos_max - window + 1, 0)
-    # stage 1 (masked): [s1, e1); stage 2 (no mask): whole blocks in [full_lo, full_hi); stage 3: [e2, hi)
-    s1 = (lo // BLOCK_N) * BLOCK_N
-    s2 = tl.maximum(s1, ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
-    n_full = tl.maximum(full_hi - s2, 0) // BLOCK_N
-    e2 = s2 + n_full * BLOCK_N
-    e1 = tl.minimum(s2, hi)
-
-    # -- Q tile, quantized in registers: one scale per row (folds softmax scale and log2 e) -------
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd)
-    qf = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & d_ok[None, :], other=0.0).to(tl.float32)
-    q_amax = tl.maximum(tl.max(tl.abs(qf), 1), 1e-30)
-    if QK_FP8:
-        q8 = _to_8bit(qf * _inverse_scale(q_amax, 448.0)[:, None], QK_FP8, INTERPRET)
-        sq = q_amax * (1.0 / 448.0) * qk_scale
-    else:
-        q8 = _to_8bit(qf * _inverse_scale(q_amax, 127.0)[:, None], QK_FP8, INTERPRET)
-        sq = q_amax * (1.0 / 127.0) * qk_scale
+    # the key range from the mask description and its three stages, as the bf16 kernel's
+    lo, hi, s1, e1, s2, e2 = _key_range(KL, b, Sq, Sk, q_offset, m0, window, HAS_KEY_LENGTHS, IS_CAUSAL, HAS_WINDOW,
+                                        BLOCK_M, BLOCK_N)
     stat = bhk.to(tl.int64) * HEAD_DIM + offs_d
-    if RETURN_LSE:
-        # the scores are of smoothed keys: the LSE gets q . mean back (base 2), from the unquantized q
-        # (the mean can be large: its product is the part of the score quantization would hurt most)
-        k_mean = tl.load(KMEAN + stat, mask=d_ok, other=0.0)
-        lse_shift = tl.sum(qf * k_mean[None, :], 1) * qk_scale
+    q8, sq, lse_shift = _qattn_q_tile(Q, KMEAN, b, h, stat, offs_m, offs_d, d_ok, Sq, stride_qb, stride_qs,
+                                      stride_qh, stride_qd, qk_scale, QK_FP8, RETURN_LSE, INTERPRET)
 
     k_ptrs = K8 + bhk.to(tl.int64) * Sk * D_PAD + offs_n[None, :] * D_PAD + offs_d[:, None]  # K^T [D_PAD, BLOCK_N]
     ks_ptrs = KSC + bhk.to(tl.int64) * Sk + offs_n
@@ -424,21 +462,8 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
     acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
                                  e2, hi, lo, hi, q_pos, window, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
                                  QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
-
-    # -- epilogue: the fixed P scale cancels in acc / l; rows with no visible key give 0, lse -inf --
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    sv = tl.load(VSC + stat, mask=d_ok, other=0.0)
-    o = acc * sv[None, :] / l_safe[:, None]
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
-    if RETURN_LSE:
-        if PV_FP8:  # the fixed P scale back out: log2(448), log2(127)
-            lse2 = m_i + tl.math.log2(l_safe) - 8.807354922057604 + lse_shift
-        else:
-            lse2 = m_i + tl.math.log2(l_safe) - 6.9886846867721655 + lse_shift
-        lse = tl.where(l_i == 0.0, float("-inf"), lse2 * 0.6931471805599453)
-        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    _qattn_epilogue(acc, l_i, m_i, lse_shift, O, LSE, VSC, stat, b, h, pid_bh, offs_m, offs_d, d_ok, Sq,
+                    stride_ob, stride_os, stride_oh, stride_od, RETURN_LSE, PV_FP8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -625,6 +650,27 @@ def _pinned_config(interp: bool, config: Optional[dict]):
     return None
 
 
+def _check_quantized_call(q: torch.Tensor, kv: QuantizedKV, out, q_offset, p_max: str) -> None:
+    """ValueError unless q [B, Sq, Hq, D] fits ``kv`` and the device runs its formats."""
+    if not isinstance(kv, QuantizedKV):
+        raise ValueError(f"kv must be a QuantizedKV (quantize_kv_triton / quantize_kv), got {type(kv).__name__}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype not in qz.INPUT_DTYPES:
+        raise ValueError("q must be a 4-D fp16, bf16 or fp32 tensor [batch, seq, heads, head_dim]")
+    B, Sq, Hq, D = q.shape
+    Hkv = kv.k.shape[1]
+    bad = [n for n in ("k", "k_scale", "k_mean", "v_t", "v_scale") if not getattr(kv, n).is_contiguous()]
+    if bad:  # the kernel computes their addresses from the shapes
+        raise ValueError(f"QuantizedKV tensors must be contiguous (as quantize_kv / quantize_kv_triton make them): {bad}")
+    if kv.k.shape[0] != B or kv.head_dim != D or Hq % Hkv or kv.k.device != q.device:
+        raise ValueError(f"q {list(q.shape)} on {q.device} does not fit the quantized K/V "
+                         f"(batch {kv.k.shape[0]}, kv heads {Hkv}, head_dim {kv.head_dim}, on {kv.k.device})")
+    _check_device(q, qz.precision_of(kv))
+    qz.check_out(out, q)
+    qz.check_p_max(p_max)
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
+
+
 def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, *, q_offset: int = 0,
                                   scale: Optional[float] = None, return_lse: bool = False,
                                   out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
@@ -632,24 +678,9 @@ def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, 
     """Pass 4 alone: q [B, Sq, Hq, D] (16/32 bit, any strides; quantized in the kernel) against a
     QuantizedKV. ``config``: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA"} pins the
     launch (the benchmark times configs this way); otherwise autotuned on the GPU."""
-    if not isinstance(kv, QuantizedKV):
-        raise ValueError(f"kv must be a QuantizedKV (quantize_kv_triton / quantize_kv), got {type(kv).__name__}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype not in qz.INPUT_DTYPES:
-        raise ValueError("q must be a 4-D fp16, bf16 or fp32 tensor [batch, seq, heads, head_dim]")
+    _check_quantized_call(q, kv, out, q_offset, p_max)
     B, Sq, Hq, D = q.shape
     _, Hkv, Sk, dp = kv.k.shape
-    bad = [n for n in ("k", "k_scale", "k_mean", "v_t", "v_scale") if not getattr(kv, n).is_contiguous()]
-    if bad:  # the kernel computes their addresses from the shapes
-        raise ValueError(f"QuantizedKV tensors must be contiguous (as quantize_kv / quantize_kv_triton make them): {bad}")
-    if kv.k.shape[0] != B or kv.head_dim != D or Hq % Hkv or kv.k.device != q.device:
-        raise ValueError(f"q {list(q.shape)} on {q.device} does not fit the quantized K/V "
-                         f"(batch {kv.k.shape[0]}, kv heads {Hkv}, head_dim {kv.head_dim}, on {kv.k.device})")
-    precision = {("int8", "int8"): "int8", ("fp8", "fp8"): "fp8", ("int8", "fp8"): "int8-fp8"}[(kv.qk_fmt, kv.pv_fmt)]
-    _check_device(q, precision)
-    qz.check_out(out, q)
-    qz.check_p_max(p_max)
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
     sm = qz.softmax_scale(scale, D)
     interp = q.device.type != "cuda"
     if out is None:

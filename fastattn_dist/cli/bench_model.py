@@ -21,8 +21,8 @@ from ..profiler.metrics import format_runs
 from ..profiler.report import render
 from ..runner import run_job
 from .generate import check_world, offload_arg
-from .options import (add_rank_options, add_standin_path, launch_from_args, nonneg_int, out_dir, parse_dtype,
-                      positive_float, positive_int)
+from .options import (add_precision_option, add_rank_options, add_standin_path, launch_from_args, nonneg_int, out_dir,
+                      parse_dtype, positive_float, positive_int)
 
 EMULATION_ROWS = [(1, 2048), (1, 8192), (1, 32768), (4, 2048)]
 
@@ -98,7 +98,7 @@ def cmd_bench_model(args) -> int:
                              (torch.bfloat16 if gpu else torch.float32), args.batch, (args.seq or [1024])[0],
                              args.decode_tokens, args.repeats, args.warmup, args.seed, want_hf, link,
                              bool(args.profile), args.layers if path in SHAPES else None, args.context or [],
-                             modes if args.context else [], **extra)
+                             modes if args.context else [], attn_precision=args.attn_precision, **extra)
     res = run_job(bench_model_rank, launch, (opts,), check_world=None if args.emulate_tp else
                   (lambda w: check_world(path, w)), label="bench-model")
     if res is None:
@@ -238,6 +238,7 @@ def add_parser(sub) -> None:
                                                "with --context, bench_emulated_tp<N>_<name>.json with --emulate-tp), "
                                                "name = the --model preset, or ckpt for a directory")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    add_precision_option(p)
     g = p.add_argument_group("one rank of a TP=N model on one GPU (the comm stand-in; on CPU the simulated link)")
     g.add_argument("--emulate-tp", type=positive_int, default=None,
                    help="play rank 0 of a TP=N group: its shard of every layer, every collective modelled")

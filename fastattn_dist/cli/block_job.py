@@ -35,6 +35,7 @@ class BlockConfig:
     mask: str = "causal"
     dtype: str = "float32"
     attn_backend: str = "auto"
+    attn_precision: str = "bf16"
     # Default link: the CPU computes roughly 5000x slower than an H200, so NVLink's ~250 GB/s is scaled
     # down alike: comm then costs about what attention + o_proj cost (docs/tiling.md, the simulated link).
     link_latency_us: float = 50.0
@@ -53,7 +54,8 @@ class BlockConfig:
         """The config of ``demo``/``profile``'s options, every value checked (the launcher's world size too)."""
         cfg = cls(world_size=launch_world_size(launch), batch=args.batch, seq=args.seq, hidden=args.hidden,
                   heads=args.heads, kv_heads=args.kv_heads, tiles=args.tiles, mask=args.mask, dtype=args.dtype,
-                  attn_backend=args.attn_backend, link_latency_us=0.0 if args.no_link else args.link_latency_us,
+                  attn_backend=args.attn_backend, attn_precision=args.attn_precision,
+                  link_latency_us=0.0 if args.no_link else args.link_latency_us,
                   link_gbps=None if args.no_link else args.link_gbps,
                   rope_theta=None if args.no_rope else 10000.0, warmup=args.warmup, repeats=args.repeats,
                   seed=args.seed, check=not getattr(args, "no_check", False),
@@ -72,7 +74,7 @@ class BlockConfig:
         self.tiles = check_tiles(self.tiles)
         resolve_mask(self.mask).validate(self.batch, self.seq)
         parse_dtype(self.dtype)
-        why = available(self.attn_backend, torch.device(device_type))
+        why = available(self.attn_backend, torch.device(device_type), self.attn_precision)
         if why:
             raise ValueError(why)
         if self.rope_theta is not None and not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
@@ -97,7 +99,8 @@ class BlockConfig:
         link = self.link()
         lk = f"link {link.latency_us:g} us + {link.gbps:g} GB/s" if link else "no link model"
         return (f"batch {self.batch} x seq {self.seq}, hidden {self.hidden}, {self.heads} heads / "
-                f"{self.kv_heads} kv heads, {self.dtype}, mask {self.mask}, {lk}")
+                f"{self.kv_heads} kv heads, {self.dtype}, mask {self.mask}, {lk}"
+                + ("" if self.attn_precision == "bf16" else f", {self.attn_precision} attention"))
 
 
 def make_inputs(cfg: BlockConfig, device: torch.device):
@@ -118,7 +121,7 @@ def build_block(cfg: BlockConfig, device: torch.device):
     """The block of ``cfg`` on ``device`` with the workload's weights loaded; returns (block, x, full weights)."""
     block = TPAttention(cfg.hidden, cfg.heads, cfg.kv_heads, tiles=cfg.tiles, dtype=parse_dtype(cfg.dtype),
                         device=device, rope_theta=cfg.rope_theta, backend=cfg.attn_backend, link=cfg.link(),
-                        check_inputs=cfg.check_inputs)
+                        check_inputs=cfg.check_inputs, attn_precision=cfg.attn_precision)
     weights, x = make_inputs(cfg, device)
     block.load_full_weights(*weights)
     return block, x, weights

@@ -131,7 +131,8 @@ def cmd_demo(args) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
         return 0
     print(f"fastattn-dist demo: {summary['world_size']} ranks ({summary['backend']}, {summary['device']}), "
-          f"attention backend {summary['attention_backend']}")
+          f"attention backend {summary['attention_backend']}"
+          + ("" if cfg.attn_precision == "bf16" else f", {cfg.attn_precision} attention"))
     print(f"  {cfg.describe()}")
     print(f"  tile plan ({cfg.tiles}): {summary['num_tiles']} tiles over rows {summary['plan']}")
     print()

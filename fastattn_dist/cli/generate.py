@@ -22,7 +22,8 @@ from ..models.llama import LlamaForCausalLM, model_shape
 from ..models.presets import model_config, resolve_model
 from ..parallel.link_models import LinkModel
 from ..runner import job_device, run_job
-from .options import add_rank_options, launch_from_args, parse_dtype, positive_float, positive_int, tiles_arg
+from .options import (add_precision_option, add_rank_options, launch_from_args, parse_dtype, positive_float,
+                      positive_int, tiles_arg)
 
 
 def check_world(path: str, world: int) -> None:
@@ -49,12 +50,14 @@ class GenerateOptions:
     prefill_chunk: Optional[int]
     json: bool
     tokenizer: Optional[str]
+    attn_precision: str = "bf16"
 
 
 def generate_rank(rank: int, world: int, opts: GenerateOptions) -> Optional[dict]:
     model = LlamaForCausalLM.from_pretrained(opts.model, dtype=opts.dtype, device=job_device(), tiles=opts.tiles,
                                              link=opts.link, kv_offload=opts.kv_offload,
-                                             host_budget_gb=opts.host_budget_gb, prefill_chunk=opts.prefill_chunk)
+                                             host_budget_gb=opts.host_budget_gb, prefill_chunk=opts.prefill_chunk,
+                                             attn_precision=opts.attn_precision)
     stats = GenerateStats()
     stream = TokenStream(opts.tokenizer, opts.prompts, opts.max_new_tokens) if rank == 0 and not opts.json else None
     tokens = model.generate(opts.prompts, opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
@@ -190,7 +193,7 @@ def cmd_generate(args) -> int:
     opts = GenerateOptions(path, dtype, args.tiles, prompts, args.max_new_tokens, args.temperature, args.top_p,
                            args.seed, args.stop_tokens, None if args.no_link else
                            LinkModel(args.link_latency_us, args.link_gbps), kv_offload, args.host_budget_gb,
-                           args.prefill_chunk, args.json, ckpt.tokenizer_file)
+                           args.prefill_chunk, args.json, ckpt.tokenizer_file, args.attn_precision)
     res = run_job(generate_rank, launch, (opts,), check_world=lambda w: check_world(path, w), label="generate")
     if res is None:
         return 0
@@ -231,4 +234,5 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="prefill in chunks of this many tokens (default: whole prompts; 8192 with offload)")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line (tokens, tokens/s)")
+    add_precision_option(p)
     p.set_defaults(func=cmd_generate)

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ..attention import PRECISIONS
 from ..files import check_writable_dir
 from ..parallel.link_models import PATHS as STANDIN_PATHS
 from ..parallel.process_group import DEFAULT_TIMEOUT_S
@@ -94,6 +95,15 @@ def add_shape_options(p: argparse.ArgumentParser, seq_default: int = 1024, dtype
                    help="attention kernel: auto (default: cudnn on Hopper, triton on other GPUs, torch on CPU), "
                         "torch, triton, cudnn, sdpa, reference")
     g.add_argument("--no-rope", action="store_true", help="skip rotary embeddings")
+    add_precision_option(g)
+
+
+def add_precision_option(p) -> None:
+    """``--attn-precision``: the attention's arithmetic (``fastattn_dist.attention``'s ``precision``)."""
+    p.add_argument("--attn-precision", choices=PRECISIONS, default="bf16",
+                   help="attention arithmetic: bf16 (default: no quantization, the run's dtype), int8 (int8 QK^T and "
+                        "PV, K smoothed), fp8 (e4m3 both), int8-fp8 (int8 QK^T, e4m3 PV); 8-bit runs on backend auto, "
+                        "triton or torch")
 
 
 def add_link_options(p: argparse.ArgumentParser):

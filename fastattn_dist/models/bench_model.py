@@ -58,6 +58,7 @@ class BenchModelOptions:
     tile_counts: List[int] = field(default_factory=list)
     decode_batches: List[int] = field(default_factory=list)
     decode_prompt: int = 2048
+    attn_precision: str = "bf16"    # the model's attention arithmetic (--attn-precision)
 
 
 def log_on(rank: int) -> Callable[[str], None]:
@@ -78,7 +79,8 @@ def build_model(opts: BenchModelOptions, device, comm="nccl", max_seq_len: int =
     """Our model on ``device`` with the preset's random weights or the checkpoint's (this rank's slices)."""
     cfg = config_of(opts)
     model = LlamaForCausalLM(cfg, dtype=opts.dtype, device=device, comm=comm, link=opts.link,
-                             max_seq_len=max_seq_len or min(cfg.max_position_embeddings, opts.seq + opts.decode_tokens + 1))
+                             max_seq_len=max_seq_len or min(cfg.max_position_embeddings, opts.seq + opts.decode_tokens + 1),
+                             attn_precision=opts.attn_precision)
     if opts.model in SHAPES:
         model.init_random_weights(opts.seed)
     else:

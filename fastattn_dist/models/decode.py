@@ -5,6 +5,8 @@
                       all-reduce, as fused Triton kernels (triton_fused.py); no host sync and no shape change
                       between steps, so the step can be captured as a CUDA graph (generate.py).
   ``OneTierDecode``   the same layers in plain PyTorch (CPU ranks, float64): the reference path.
+  (Both over an int8 cache too, ``Int8KVCache``: the new token's key and value are quantized as they are
+  appended, and attention reads int8 keys and values: kv_cache.py.)
   ``TieredDecode``    a KV cache with a host tier (kv_offload.py): each sequence's new key goes to the tier its
                       position falls in, attention runs on both tiers and is merged by LSE. Host work: no graph.
 
@@ -16,8 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..attention.decode import decode_attention
-from .kv_cache import KVCache
+from .kv_cache import Int8KVCache, KVCache
 from .kv_offload import TieredKVCache, tiered_decode_attention
 from .layers import fused_kernels, rms_norm
 
@@ -37,8 +38,7 @@ class OneTierDecode:
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.model.cache
         c.append(li, k, v)
-        return decode_attention(q, c.k[li], c.v[li], c.lengths + 1, window=self.window(),
-                                backend=self.model.attn_backend)
+        return c.attend(li, q, c.lengths + 1, self.window(), self.model.attn_backend)
 
     def finish(self) -> None:
         self.model.cache.lengths.add_(1)
@@ -107,8 +107,9 @@ class FusedDecode(OneTierDecode):
         n = add_rms_norm(h, m.layers[0].input_norm, eps)
         for li, layer in enumerate(m.layers):
             attn, mlp = layer.attn, layer.mlp
-            q = rope_append(attn.qkv(n), cos, sin, c.lengths, c.k[li], c.v[li], s.local_heads, s.local_kv_heads)
-            a = decode_attention(q, c.k[li], c.v[li], kv_len, window=window, backend=m.attn_backend).reshape(B, -1)
+            q = rope_append(attn.qkv(n), cos, sin, c.lengths, c.k[li], c.v[li], s.local_heads, s.local_kv_heads,
+                            int8=c.q8[li] if isinstance(c, Int8KVCache) else None)  # quantized as appended
+            a = c.attend(li, q, kv_len, window, m.attn_backend).reshape(B, -1)
             o = comm.all_reduce(a @ attn.o_proj.weight.t())
             n = add_rms_norm(h, layer.post_norm, eps, delta=o, bias=attn.o_proj.bias)
             d = comm.all_reduce(silu_mul(mlp.gate_up(n)) @ mlp.down.weight.t())

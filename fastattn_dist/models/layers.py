@@ -54,14 +54,14 @@ class DecoderLayer(nn.Module):
     """Norm -> attention sublayer -> residual, norm -> MLP sublayer -> residual; this rank's shard of both."""
 
     def __init__(self, cfg: LlamaConfig, shape: TPShape, comm: CommPath, rotary: Rotary, attn_backend: str,
-                 dtype, device) -> None:
+                 dtype, device, attn_precision: str = "bf16") -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         H = cfg.hidden_size
         self.input_norm = nn.Parameter(torch.ones(H, **kw), requires_grad=False)
         self.attn = TPAttention(H, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim=cfg.head_dim, tiles=1,
                                 comm=comm, rotary=rotary, backend=attn_backend, qkv_bias=cfg.attention_bias,
-                                o_bias=cfg.o_bias, **kw)
+                                o_bias=cfg.o_bias, attn_precision=attn_precision, **kw)
         self.post_norm = nn.Parameter(torch.ones(H, **kw), requires_grad=False)
         self.mlp = TPMLP(shape, bias=cfg.mlp_bias, **kw)
 

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..attention import PRECISIONS
 from ..block import check_tiles
 from ..lru import LRUCache
 from ..masks import Mask
@@ -36,7 +37,7 @@ from .decode import decode_strategy
 from .generate import generate
 from .hf_weights import load_checkpoint
 from .inputs import check_ids, check_lengths, check_positive_int
-from .kv_cache import KVCache
+from .kv_cache import KV_DTYPES, Int8KVCache, KVCache
 from .kv_offload import (DEFAULT_PREFILL_CHUNK, OffloadPlan, TieredKVCache, kv_bytes_per_token, log_offload_plan,
                          reserve_bytes)
 from .layers import DecoderLayer, rms_norm
@@ -53,6 +54,17 @@ def model_shape(config: LlamaConfig, world: int, rank: int) -> TPShape:
                            vocab_size=config.vocab_size)
 
 
+def check_quantization(attn_precision: str, kv_dtype: Optional[str], kv_offload) -> None:
+    """``attn_precision`` and ``kv_dtype`` are known values and go with ``kv_offload`` (one-line ValueErrors; the
+    attention backend and device are checked by the layers' TPAttention)."""
+    if attn_precision not in PRECISIONS:
+        raise ValueError(f"attn_precision must be one of {', '.join(PRECISIONS)}, got {attn_precision!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8', got {kv_dtype!r}")
+    if kv_offload != "off" and (attn_precision != "bf16" or kv_dtype is not None):
+        raise ValueError("8-bit attention and the int8 KV cache do not go with a host tier yet: use kv_offload='off'")
+
+
 class LlamaForCausalLM(nn.Module):
     """The TP decoder; see the module docstring. Build it with ``from_pretrained`` (or construct it, then ``load``
     a checkpoint or ``init_random_weights``: it refuses to compute before).
@@ -63,14 +75,17 @@ class LlamaForCausalLM(nn.Module):
     ``kv_offload``: "off", "auto" or a number of device tokens (kv_offload.py); ``prefill_chunk``: prefill in
     chunks of this many tokens (default: whole prompts; 8192 with a host tier). ``prefill_schedule``: how a
     tiled prefill's tiles share a GPU (prefill.py): "wavefront" (each tile on its own stream, issued by
-    anti-diagonals), "one" (one stream), or "auto" (default: wavefront on GPUs).
+    anti-diagonals), "one" (one stream), or "auto" (default: wavefront on GPUs). ``attn_precision``: "bf16"
+    (default: no quantization) or "int8" / "fp8" / "int8-fp8", the prefill's attention through the 8-bit kernels
+    (block.py, kv.py). ``kv_dtype``: None (the model's dtype) or "int8", the KV cache in int8 with per-token
+    scales (kv_cache.py): about half the bytes per decode step. Neither goes with a host tier (``kv_offload``).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, group=None, tiles="auto", max_seq_len: Optional[int] = None,
                  comm: Union[str, CommPath] = "nccl", link: Optional[LinkModel] = None, attn_backend: str = "auto",
                  kv_offload="off", host_budget_gb: Optional[float] = None, prefill_chunk: Optional[int] = None,
-                 prefill_schedule: str = "auto") -> None:
+                 prefill_schedule: str = "auto", attn_precision: str = "bf16", kv_dtype: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -87,12 +102,13 @@ class LlamaForCausalLM(nn.Module):
         self.max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN) if max_seq_len is None else \
             check_positive_int("max_seq_len", max_seq_len)
         self.comm = make_comm(comm, group, device, link) if isinstance(comm, str) else comm
-        self.attn_backend = attn_backend
+        self.attn_backend, self.attn_precision, self.kv_dtype = attn_backend, attn_precision, kv_dtype
+        check_quantization(attn_precision, kv_dtype, kv_offload)
         kw = {"dtype": dtype, "device": device}
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.embed = VocabParallelEmbedding(self.shape, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.shape, self.comm, self.rotary, attn_backend, dtype, device)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.shape, self.comm, self.rotary, attn_backend, dtype,
+                                                 device, attn_precision) for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size, **kw), requires_grad=False)
         self.lm_head = VocabParallelLMHead(self.shape, self.embed.weight if config.tie_word_embeddings else None, **kw)
         OffloadPlan.check_mode(kv_offload, device)
@@ -240,8 +256,8 @@ class LlamaForCausalLM(nn.Module):
         mask = Mask(True, window if window is not None and window < start + S else None, lengths)
         self.rotary.reserve(start + S, self.device, self.dtype)  # device positions are never read back
         positions = torch.arange(start + S, device=self.device)
-        sinks = [kv.layer(li, self.kv_plan.prefill_host) if isinstance(kv, TieredKVCache) else kv.layer(li)
-                 for li in range(len(self.layers))]
+        sinks = [kv.layer(li, self.kv_plan.prefill_host) if isinstance(kv, TieredKVCache) else
+                 self.layers[li].attn.sink_for(kv.layer(li)) for li in range(len(self.layers))]
         steps = [step for li, layer in enumerate(self.layers)
                  for step in (attention_step(layer, sinks[li], S, start, positions, mask, rec), mlp_step(layer, rec))]
         self.comm.enable_timing(rec is not None)
@@ -271,7 +287,10 @@ class LlamaForCausalLM(nn.Module):
         return c
 
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.shape, len(self.layers), self.embed.weight.element_size())
+        s = self.shape
+        if self.kv_dtype == "int8":
+            return Int8KVCache.bytes_per_token(len(self.layers), s.local_kv_heads, s.head_dim)
+        return kv_bytes_per_token(s, len(self.layers), self.embed.weight.element_size())
 
     def kv_reserve_bytes(self) -> int:
         return reserve_bytes(self.shape, len(self.layers), self.embed.weight.element_size(), self.prefill_chunk)
@@ -283,7 +302,8 @@ class LlamaForCausalLM(nn.Module):
                                                  bytes_per_token=self.kv_bytes_per_token(), device=self.device,
                                                  host_budget_bytes=budget, reserve_bytes=self.kv_reserve_bytes())
         if not plan.offloaded:
-            return KVCache(len(self.layers), batch, n, s.local_kv_heads, s.head_dim, self.dtype, self.device)
+            cls = Int8KVCache if self.kv_dtype == "int8" else KVCache
+            return cls(len(self.layers), batch, n, s.local_kv_heads, s.head_dim, self.dtype, self.device)
         if s.rank == 0:
             log_offload_plan(plan)
         return TieredKVCache(len(self.layers), batch, n, plan.gpu_tokens, s.local_kv_heads, s.head_dim, self.dtype,

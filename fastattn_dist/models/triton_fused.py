@@ -5,7 +5,8 @@ A decode step is mostly small kernels: each pays a launch and a pass over memory
 
   add_rms_norm   h <- h + delta (+ bias); n = RMSNorm(h) * weight    (Hugging Face's rounding order:
                  the sum in the model dtype, the norm in float32, cast, then scaled in the model dtype)
-  rope_append    q, k rotated at each sequence's own position; k and v written into the KV cache there
+  rope_append    q, k rotated at each sequence's own position; k and v written into the KV cache there (the int8
+                 cache: quantized as written, per token, as attention/int8_kv.py does)
   silu_mul       silu(gate) * up of the fused gate/up projection's output
 Each has the plain PyTorch version in llama.py (the CPU path, and the reference in the tests).
 """
@@ -16,6 +17,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..attention.int8_kv import Int8KV
+from ..attention.triton_int8 import _inverse_scale, _to_8bit  # the 8-bit kernels' rounding, shared
 
 
 @triton.jit
@@ -50,8 +54,21 @@ def add_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, delta: Optio
 
 
 @triton.jit
-def _rope_append_kernel(QKV, COS, SIN, POS, QO, KC, VC, stride_qkv, stride_cb, stride_cs, stride_ch, HQ, HKV,
-                        D: tl.constexpr, HALF: tl.constexpr):
+def _store_int8(dst, scale_dst, x1, x2, m1, m2, i, HALF: tl.constexpr, INTERPRET: tl.constexpr):
+    """One token's head [x1 | x2] minus the mean [m1 | m2] as int8 with its scale (attention/int8_kv.py's rounding)."""
+    a = x1.to(tl.float32) - m1
+    b = x2.to(tl.float32) - m2
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(a), 0), tl.max(tl.abs(b), 0)), 1e-30)
+    inv = _inverse_scale(amax, 127.0)
+    tl.store(dst + i, _to_8bit(a * inv, False, INTERPRET))
+    tl.store(dst + HALF + i, _to_8bit(b * inv, False, INTERPRET))
+    tl.store(scale_dst, amax * (1.0 / 127.0))
+
+
+@triton.jit
+def _rope_append_kernel(QKV, COS, SIN, POS, QO, KC, VC, KS, VS, KM, stride_qkv, stride_cb, stride_cs, stride_ch,
+                        stride_sb, stride_ss, HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
+                        INTERPRET: tl.constexpr):
     # one program: sequence b, one head of q, k or v (heads in that order along axis 1)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -68,27 +85,46 @@ def _rope_append_kernel(QKV, COS, SIN, POS, QO, KC, VC, stride_qkv, stride_cb, s
         r2 = (bb * c + a * s).to(x1.dtype)
         if h < HQ:
             dst = QO + b * HQ * D + h * D
+            tl.store(dst + i, r1)
+            tl.store(dst + HALF + i, r2)
         else:
             dst = KC + b * stride_cb + pos * stride_cs + (h - HQ) * stride_ch
-        tl.store(dst + i, r1)
-        tl.store(dst + HALF + i, r2)
+            if QUANT:  # int8 with this token's scale, after the sequence's smoothing mean
+                mean = KM + (b * HKV + h - HQ) * D
+                _store_int8(dst, KS + b * stride_sb + pos * stride_ss + h - HQ, r1, r2, tl.load(mean + i),
+                            tl.load(mean + HALF + i), i, HALF, INTERPRET)
+            else:
+                tl.store(dst + i, r1)
+                tl.store(dst + HALF + i, r2)
     else:
         dst = VC + b * stride_cb + pos * stride_cs + (h - HQ - HKV) * stride_ch
-        tl.store(dst + i, x1)
-        tl.store(dst + HALF + i, x2)
+        if QUANT:
+            _store_int8(dst, VS + b * stride_sb + pos * stride_ss + h - HQ - HKV, x1, x2, 0.0, 0.0, i, HALF,
+                        INTERPRET)
+        else:
+            tl.store(dst + i, x1)
+            tl.store(dst + HALF + i, x2)
+
+
+# Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when @triton.jit ran)
+INTERPRETED = type(_rope_append_kernel).__name__ == "InterpretedFunction"
 
 
 def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                int8: Optional[Int8KV] = None) -> torch.Tensor:
     """``qkv`` ``[B, (heads + 2 kv_heads) * D]`` of one new token per sequence at ``positions`` ``[B]``: returns the
-    rotated q ``[B, 1, heads, D]``; writes the rotated k and v into the caches (``[B, L, kv_heads, D]``) there."""
+    rotated q ``[B, 1, heads, D]``; writes the rotated k and v into the caches (``[B, L, kv_heads, D]``) there.
+    ``int8``: the caches are this int8 layer's: k and v are quantized as they are written (with their scales)."""
     B = qkv.shape[0]
     D = k_cache.shape[3]
     q = torch.empty(B, 1, heads, D, dtype=qkv.dtype, device=qkv.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and qkv.stride(1) == 1
+    sc = (int8.k_scale, int8.v_scale, int8.k_mean) if int8 is not None else (k_cache, v_cache, k_cache)
     _rope_append_kernel[(B, heads + 2 * kv_heads)](
-        qkv, cos, sin, positions, q, k_cache, v_cache, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), heads, kv_heads, D=D, HALF=D // 2, num_warps=1)
+        qkv, cos, sin, positions, q, k_cache, v_cache, *sc, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), sc[0].stride(0), sc[0].stride(1), heads, kv_heads, D=D, HALF=D // 2,
+        QUANT=int8 is not None, INTERPRET=INTERPRETED, num_warps=1)
     return q
 
 

@@ -1,5 +1,6 @@
 """The GPU decode path (fused Triton kernels) run on CPU tensors under TRITON_INTERPRET=1, against the plain
-PyTorch decode path that matches transformers (test_llama.py): the same logits and the same cache."""
+PyTorch decode path that matches transformers (test_llama.py): the same logits and the same cache; over the
+int8 cache too (the append quantizes, bit for bit as the torch path does)."""
 import importlib
 import os
 import sys
@@ -12,11 +13,12 @@ if not torch.cuda.is_available():  # before triton is imported: run the kernels 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("interpreter tests: set TRITON_INTERPRET=1 (the GPU checks are in tests/gpu)", allow_module_level=True)
-for mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_decode",
-            "fastattn_dist.models.triton_fused"):
+for mod in ("fastattn_dist.attention.triton_fa", "fastattn_dist.attention.triton_int8",
+            "fastattn_dist.attention.triton_decode", "fastattn_dist.models.triton_fused"):
     if mod in sys.modules:  # imported earlier without the interpreter: rebuild
         importlib.reload(sys.modules[mod])
 
+from fastattn_dist.attention.int8_kv import Int8KV, quantize_tokens  # noqa: E402
 from fastattn_dist.models import triton_fused as tf  # noqa: E402
 from fastattn_dist.models.llama import LlamaForCausalLM
 from fastattn_dist.models.layers import rms_norm  # noqa: E402
@@ -56,6 +58,50 @@ def test_rope_append_rotates_and_writes_the_cache_at_each_position():
         assert torch.equal(vc[b, p], v_ref.view(B, Hkv, D)[b])
         others = [i for i in range(L) if i != p]
         assert kc[b, others].abs().sum() == 0 and vc[b, others].abs().sum() == 0  # nothing else written
+
+
+def test_rope_append_into_the_int8_cache_quantizes_as_the_torch_path():
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, D, L = 3, 4, 2, 16, 12
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=g)
+    qkv[:, Hq * D:(Hq + Hkv) * D] += 5.0  # keys with an offset: the mean is subtracted before rounding
+    pos = torch.tensor([0, 5, 11])
+    cos, sin = Rotary(D, 10000.0).tables(L, torch.device("cpu"), torch.float32)
+    kc, vc = torch.zeros(B, L, Hkv, D), torch.zeros(B, L, Hkv, D)
+    q = tf.rope_append(qkv, cos, sin, pos, kc, vc, Hq, Hkv)  # the 16-bit append: rotated k, v
+    c = Int8KV.zeros(B, L, Hkv, D, "cpu")
+    c.k_mean.normal_(generator=g)
+    c.k_mean += 5.0
+    assert torch.equal(tf.rope_append(qkv, cos, sin, pos, c.k, c.v, Hq, Hkv, int8=c), q)
+    rows = torch.arange(B)
+    k8, ks = quantize_tokens(kc[rows, pos], c.k_mean)
+    v8, vs = quantize_tokens(vc[rows, pos])
+    for got, want in ((c.k[rows, pos], k8), (c.k_scale[rows, pos], ks), (c.v[rows, pos], v8),
+                      (c.v_scale[rows, pos], vs)):
+        assert torch.equal(got, want)
+    assert c.k.abs().sum() == c.k[rows, pos].abs().sum()  # nothing else written
+
+
+def test_fused_decode_over_the_int8_cache_equals_the_torch_path():
+    from fastattn_dist.models.decode import FusedDecode, OneTierDecode
+
+    ids = torch.tensor([[1, 40, 77, 13, 99, 7, 300], [1, 5, 9, 0, 0, 0, 0]])
+    runs = []
+    for strategy in (OneTierDecode, FusedDecode):
+        m = LlamaForCausalLM.from_pretrained(tiny_checkpoint(), kv_dtype="int8")
+        m.reset_cache(2, 32)
+        tok = m.prefill(ids, [7, 3]).argmax(-1)
+        step, logits = strategy(m), []
+        for _ in range(6):
+            logits.append(step(tok))
+            tok = logits[-1].argmax(-1)
+        runs.append((torch.stack(logits), m.cache))
+    (ref, ref_cache), (got, got_cache) = runs
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    for li in range(len(ref_cache.q8)):
+        a, b = ref_cache.q8[li], got_cache.q8[li]
+        assert (a.k.int() - b.k.int()).abs().max() <= 1 and (a.v.int() - b.v.int()).abs().max() <= 1
+        assert torch.allclose(a.k_scale, b.k_scale) and torch.allclose(a.v_scale, b.v_scale)
 
 
 def test_silu_mul():

@@ -90,8 +90,10 @@ def _rint(x, INTERPRET: tl.constexpr):
     """Round to nearest, ties to even (torch.round). The interpreter has no libdevice: there, adding and
     subtracting 1.5 * 2^23 does it exactly for |x| < 2^22 (NumPy fuses nothing)."""
     if INTERPRET:
-        return (x + 12582912.0) - 12582912.0
-    return libdevice.rint(x)
+        y = (x + 12582912.0) - 12582912.0
+    else:
+        y = libdevice.rint(x)
+    return y
 
 
 @triton.jit
@@ -110,11 +112,15 @@ def _inverse_scale(amax, R: tl.constexpr):
 @triton.jit
 def _to_8bit(x, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 already scaled to [-R, R] -> fp8 e4m3 or int8, both round to nearest, ties to even."""
+    # one return per constexpr branch: Triton's code generator also visits a return after a static if,
+    # and two return types fail to compile (the interpreter never sees it)
     if FP8:
         if INTERPRET:
             x = _round_to_e4m3(x)
-        return x.to(tl.float8e4nv)
-    return _rint(x, INTERPRET).to(tl.int8)
+        y = x.to(tl.float8e4nv)
+    else:
+        y = _rint(x, INTERPRET).to(tl.int8)
+    return y
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,9 +324,11 @@ def _qattn_pv(p8, start_n, vt_ptrs, v_desc, v_row0, kv_ok, MASKED: tl.constexpr,
         v = tl.load(vt_ptrs + start_n, mask=kv_ok[None, :], other=0.0)
     else:
         v = tl.load(vt_ptrs + start_n)
-    if PV_FP8:
-        return tl.dot(p8, tl.trans(v))
-    return _small_int_to_f32(tl.dot(p8, tl.trans(v), out_dtype=tl.int32))  # 127^2 * BLOCK_N < 2^22
+    if PV_FP8:  # else, not a second return: the code generator would build the int32 dot of fp8 operands too
+        pv = tl.dot(p8, tl.trans(v))
+    else:
+        pv = _small_int_to_f32(tl.dot(p8, tl.trans(v), out_dtype=tl.int32))  # 127^2 * BLOCK_N < 2^22
+    return pv
 
 
 @triton.jit

@@ -83,27 +83,29 @@ def _rope_append_kernel(QKV, COS, SIN, POS, QO, KC, VC, KS, VS, KM, stride_qkv, 
         a, bb = x1.to(tl.float32), x2.to(tl.float32)
         r1 = (a * c - bb * s).to(x1.dtype)
         r2 = (bb * c + a * s).to(x1.dtype)
+        # one pointer name per branch: a name assigned in both branches of a runtime if must have one type
+        # there, and q's pointer is 16-bit where an int8 cache's is not
         if h < HQ:
-            dst = QO + b * HQ * D + h * D
-            tl.store(dst + i, r1)
-            tl.store(dst + HALF + i, r2)
+            dq = QO + b * HQ * D + h * D
+            tl.store(dq + i, r1)
+            tl.store(dq + HALF + i, r2)
         else:
-            dst = KC + b * stride_cb + pos * stride_cs + (h - HQ) * stride_ch
+            dk = KC + b * stride_cb + pos * stride_cs + (h - HQ) * stride_ch
             if QUANT:  # int8 with this token's scale, after the sequence's smoothing mean
                 mean = KM + (b * HKV + h - HQ) * D
-                _store_int8(dst, KS + b * stride_sb + pos * stride_ss + h - HQ, r1, r2, tl.load(mean + i),
+                _store_int8(dk, KS + b * stride_sb + pos * stride_ss + h - HQ, r1, r2, tl.load(mean + i),
                             tl.load(mean + HALF + i), i, HALF, INTERPRET)
             else:
-                tl.store(dst + i, r1)
-                tl.store(dst + HALF + i, r2)
+                tl.store(dk + i, r1)
+                tl.store(dk + HALF + i, r2)
     else:
-        dst = VC + b * stride_cb + pos * stride_cs + (h - HQ - HKV) * stride_ch
+        dv = VC + b * stride_cb + pos * stride_cs + (h - HQ - HKV) * stride_ch
         if QUANT:
-            _store_int8(dst, VS + b * stride_sb + pos * stride_ss + h - HQ - HKV, x1, x2, 0.0, 0.0, i, HALF,
+            _store_int8(dv, VS + b * stride_sb + pos * stride_ss + h - HQ - HKV, x1, x2, 0.0, 0.0, i, HALF,
                         INTERPRET)
         else:
-            tl.store(dst + i, x1)
-            tl.store(dst + HALF + i, x2)
+            tl.store(dv + i, x1)
+            tl.store(dv + HALF + i, x2)
 
 
 # Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when @triton.jit ran)

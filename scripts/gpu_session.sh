@@ -7,7 +7,7 @@
 # and 8b at TP=1), trace (one GPU: the kernel trace of a 2-layer slice of 70b at TP=8, S=8K), decode (one GPU:
 # bench-model --model 7b at world size 1), real (2+ GPUs: bench and bench-model at TP=all GPUs, NCCL and
 # copy-engine paths, and the profiler's trace of one shape), block (one GPU: tune then bench at TP=2 h4096 8K),
-# int8 (scripts/bench_int8_attention.py --quick), hostdecode (scripts/bench_host_decode.py: the host's memory
+# int8 (scripts/bench_int8_attention.py and bench_int8_block_model.py, --quick), hostdecode (scripts/bench_host_decode.py: the host's memory
 # bandwidth and the CPU decode-attention kernel). TPS (default "4 2 8"), REPEATS, BENCH_ARGS,
 # MODEL_ARGS, STANDIN_PATH (model step: nccl or copy_engine), T_* (step timeouts) adjust.
 # Writes under OUTDIR: session.log (everything printed), tuned.json, bench_*.json, trace_*.json/png, prof/...
@@ -34,7 +34,9 @@ for step in $STEPS; do
            T=${T_BENCH:-150} run python3 -m fastattn_dist bench --emulate-tp 2 --hidden 4096 --seq 8192 --batch 1 \
              --repeats 10 --out "$OUT" ;;
     int8) T=${T_INT8:-120} run python3 scripts/bench_int8_attention.py ${INT8_ARGS:---quick} --out "$OUT/int8"
-          cp "$OUT/int8/bench_int8_attention.json" "$OUT/" 2>/dev/null; rm -rf "$OUT/int8" ;;
+          cp "$OUT/int8/bench_int8_attention.json" "$OUT/" 2>/dev/null; rm -rf "$OUT/int8"
+          T=${T_INT8:-120} run python3 scripts/bench_int8_block_model.py ${INT8_ARGS:---quick} --out "$OUT/int8bm"
+          cp "$OUT"/int8bm/*.json "$OUT/" 2>/dev/null; rm -rf "$OUT/int8bm" ;;
     hostdecode) T=${T_HOST:-150} run python3 scripts/bench_host_decode.py --out "$OUT/host_decode.json" \
                   ${HOST_ARGS:---contexts 32768 131072 --batches 1 4 --max-seconds 100} ;;
     emulate) [ -f "$OUT/tuned.json" ] && export FASTATTN_TUNED_PROFILE="$OUT/tuned.json"

@@ -7,9 +7,9 @@
 # and 8b at TP=1), trace (one GPU: the kernel trace of a 2-layer slice of 70b at TP=8, S=8K), decode (one GPU:
 # bench-model --model 7b at world size 1), real (2+ GPUs: bench and bench-model at TP=all GPUs, NCCL and
 # copy-engine paths, and the profiler's trace of one shape), block (one GPU: tune then bench at TP=2 h4096 8K),
-# int8 (scripts/bench_int8_attention.py and bench_int8_block_model.py, --quick), hostdecode (scripts/bench_host_decode.py: the host's memory
-# bandwidth and the CPU decode-attention kernel). TPS (default "4 2 8"), REPEATS, BENCH_ARGS,
-# MODEL_ARGS, STANDIN_PATH (model step: nccl or copy_engine), T_* (step timeouts) adjust.
+# int8 (scripts/bench_int8_attention.py and bench_int8_block_model.py, --quick), hostdecode
+# (scripts/bench_host_decode.py: the host's memory bandwidth and the CPU decode-attention kernel).
+# TPS (default "4 2 8"), REPEATS, BENCH_ARGS, MODEL_ARGS, STANDIN_PATH (model step: nccl or copy_engine), T_* (step timeouts) adjust.
 # Writes under OUTDIR: session.log (everything printed), tuned.json, bench_*.json, trace_*.json/png, prof/...
 set -uo pipefail
 OUT=${1:?output folder}

@@ -90,6 +90,7 @@ class TieredDecode(OneTierDecode):
         if max(lens) > c.max_seq_len:
             raise ValueError(f"the KV cache holds {c.max_seq_len} tokens per sequence: no room for another")
         c.flush()  # the prefill's host writes (or the last step's tokens) readable before any host read
+        c.stream.timing = c.timing is not None
         self._split = self._split_for(lens)
         return super().__call__(ids)
 

@@ -118,6 +118,7 @@ class TieredKVCache:
         for w in self.written:
             w[:] = [0] * self.batch
         self.stream.clear()
+        self.stream.timing = False  # a prefill's copies are not decode's
         self._pending.clear()
 
     def set_lengths(self, lengths: List[int]) -> None:
@@ -470,4 +471,4 @@ def host_worker() -> concurrent.futures.ThreadPoolExecutor:
 __all__ = ["TieredKVCache", "TieredLayerKV", "OffloadPlan", "CacheSizing", "DecodeSplit", "TierTiming",
            "decode_split", "tiered_chunk_attention", "tiered_decode_attention", "part_attention", "host_worker",
            "log_offload_plan", "kv_bytes_per_token", "measure_rates", "host_memory_bytes", "DEFAULT_PREFILL_CHUNK",
-           "GIB", "CacheSizing"]
+           "GIB"]

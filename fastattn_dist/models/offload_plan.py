@@ -15,9 +15,8 @@ decided, and a request that cannot fit refused with the sizes involved, before a
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -160,6 +159,30 @@ def check_gpu_budget(sizing: CacheSizing, batch: int, gpu_budget_bytes: int) -> 
                          "or use more ranks")
 
 
+def check_request(mode, context: int, batch: int, sizing: CacheSizing, host_budget_bytes: Optional[int] = None,
+                  gpu_budget_bytes: Optional[int] = None) -> None:
+    """What sizes alone decide before any rank starts (the CLIs): the GPU budget holds the weights, and the cache
+    of ``context`` tokens fits: one tier beside the smallest prefill chunk within the GPU budget, or a host tier
+    beside the device tokens asked for (or the most a GPU budget leaves) within the host budget. Raises
+    ValueError naming the sizes; what depends on the GPU's free memory is decided on the rank."""
+    per_token = batch * sizing.bytes_per_token
+    room = None
+    if gpu_budget_bytes is not None:
+        check_gpu_budget(sizing, batch, gpu_budget_bytes)
+        room = gpu_budget_bytes - sizing.weight_bytes
+    if mode == "off" or (mode != "auto" and mode >= context):
+        if room is not None and one_tier_chunk(sizing, batch, context, room) is None:
+            raise ValueError(f"the KV cache of {context} tokens needs {context * per_token / GIB:.1f} GiB on the "
+                             f"device, more than the GPU budget of {gpu_budget_bytes / GIB:.1f} GiB leaves beside "
+                             f"the weights ({sizing.weight_bytes / GIB:.1f} GiB) and the prefill's activations")
+        return
+    if mode == "auto" and room is None:
+        return  # the GPU's free memory decides, on the rank
+    g = min(mode, context) if mode != "auto" else _device_fit(sizing, batch, room, CHUNK_CANDIDATES[0])
+    if g < context:
+        _check_host(sizing, batch, context, g, host_budget_bytes)
+
+
 # -- rates ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HostRates:
@@ -202,9 +225,9 @@ def _cpu_probe(mb: int, threads: int):
     """A callable attending one query per head to ``mb`` MiB of bf16 K/V (8 kv heads, head-major), and its bytes."""
     H, D = 8, 128
     L = max(64, (mb << 20) // (2 * H * D * 2))
-    k = torch.randn(1, H, L, D).to(torch.bfloat16)
-    q = torch.randn(1, 1, 4 * H, D).to(torch.bfloat16)
-    return (lambda: host_decode_attention(q, k, k, layout="bhtd", threads=threads)), 2 * k.numel() * k.element_size()
+    k, v = torch.randn(1, H, L, D).to(torch.bfloat16), torch.randn(1, H, L, D).to(torch.bfloat16)  # two: V must
+    q = torch.randn(1, 1, 4 * H, D).to(torch.bfloat16)                                               # not hit K's cache
+    return (lambda: host_decode_attention(q, k, v, layout="bhtd", threads=threads)), 2 * k.numel() * k.element_size()
 
 
 def _rate(fn, nbytes: int) -> float:
@@ -349,9 +372,11 @@ class OffloadPlan:
             return (f"{self.budget_label()}KV cache on the device ({self.max_seq_len} tokens x "
                     f"{self.bytes_per_token / 1024:.0f} KiB). {self.why}").strip()
         r, gib = self.rates, self.batch * self.bytes_per_token / GIB
-        measured = (f"measured: host->device {r.pcie_gbps:.1f} GB/s alone, {r.pcie_both_gbps:.1f} beside the CPU; "
-                    if r.pcie_gbps > 0 else "measured: ") + \
-            f"CPU attention {r.cpu_gbps:.1f} GB/s of K/V alone, {r.cpu_both_gbps:.1f} beside copies, {r.threads} threads"
+        measured = f"measured: CPU attention {r.cpu_gbps:.1f} GB/s of K/V on {r.threads} threads" if r.cpu_gbps > 0 \
+            else "rates not measured"
+        if r.pcie_gbps > 0:
+            measured += (f", {r.cpu_both_gbps:.1f} beside copies; host->device {r.pcie_gbps:.1f} GB/s, "
+                         f"{r.pcie_both_gbps:.1f} beside the CPU")
         return (f"{self.budget_label()}KV cache: {self.gpu_tokens} tokens on the device ({self.gpu_tokens * gib:.1f} GiB), "
                 f"{self.max_seq_len - self.gpu_tokens} on the host ({self.host_tokens * gib:.1f} GiB); prefill in "
                 f"chunks of {self.prefill_chunk}, host keys streamed; decode reads the host tier "
@@ -530,7 +555,7 @@ def longest_context(mode, *, batch: int, sizing: CacheSizing, device: torch.devi
         if c == chunk:
             break
         chunk = c
-    if n <= one[0]:
+    if mode == "auto" and n <= one[0]:
         n, chunk, g = one[0], one[1], one[0]
     act = sizing.activation_bytes(batch * chunk)
     bound = (max(0, free - act) + budget) // per_token if free is not None else g + budget // per_token
@@ -538,6 +563,6 @@ def longest_context(mode, *, batch: int, sizing: CacheSizing, device: torch.devi
 
 
 __all__ = ["OffloadPlan", "CacheSizing", "HostRates", "Capacity", "kv_bytes_per_token", "weight_bytes",
-           "longest_context", "one_tier_chunk", "host_capacity", "device_free_bytes", "check_gpu_budget", "measure_rates", "host_memory_bytes",
+           "longest_context", "check_request", "one_tier_chunk", "host_capacity", "device_free_bytes", "check_gpu_budget", "measure_rates", "host_memory_bytes",
            "default_host_budget", "prefill_seconds", "host_block_tokens", "padded_host_tokens", "stream_unit_blocks",
            "GIB", "DEFAULT_PREFILL_CHUNK", "HOST_BLOCK_TOKENS", "STREAM_BLOCK_TOKENS", "STREAM_SLOTS"]

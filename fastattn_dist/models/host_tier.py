@@ -173,15 +173,19 @@ def no_keys(B: int, Hq: int, D: int, device) -> Tuple[torch.Tensor, torch.Tensor
 
 
 # -- attention on the CPU --------------------------------------------------------------------------------------
+Fold = Tuple[int, int, Optional[torch.Tensor], List[Tuple[int, int, int, int]]]   # what fold_lengths returns
+
+
 def cpu_range_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor, ranges: Sequence[Sequence[Range]],
-                        threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        threads: Optional[int] = None, folded: Optional[Fold] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q`` ``[B, 1, Hq, D]`` (host memory) to host ranges ``ranges[b]`` of layer tensors
     ``hk``, ``hv`` ``[blocks, B, Hkv, T, D]``, by the compiled CPU kernel (torch fallback): the block-aligned part
     in one call over blocks folded into its batch, the rest (a range starting inside a block) one call per piece,
-    all merged by LSE. Returns (o float32 [B, 1, Hq, D], lse [B, Hq, 1])."""
+    all merged by LSE; ``folded``: ``fold_lengths(ranges)`` when the caller has it (a decode step: once for every
+    layer). Returns (o float32 [B, 1, Hq, D], lse [B, Hq, 1])."""
     B, _, Hq, D = q.shape
     T = hk.shape[3]
-    j0, j1, lens, sliced = fold_lengths(ranges, T)
+    j0, j1, lens, sliced = folded if folded is not None else fold_lengths(ranges, T)
     outs, lses = [], []
     if lens is not None:
         nb = j1 - j0

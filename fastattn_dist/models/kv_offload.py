@@ -33,7 +33,7 @@ from ..attention.decode import decode_attention
 from ..attention.host_decode import compiled_kernel
 from ..masks import Mask
 from .host_stream import HostStream, Unit
-from .host_tier import (HostArena, Range, arena_bytes, cpu_range_attention, fold, fold_lengths, merge_stacked,
+from .host_tier import (Fold, HostArena, Range, arena_bytes, cpu_range_attention, fold, fold_lengths, merge_stacked,
                         no_keys, scatter_tokens, write_positions)
 from .offload_plan import (DEFAULT_PREFILL_CHUNK, GIB, STREAM_SLOTS, CacheSizing, OffloadPlan, cpu_threads,
                            host_block_tokens, host_memory_bytes, kv_bytes_per_token, measure_rates,
@@ -318,6 +318,7 @@ class DecodeSplit:
     dev_len: Optional[torch.Tensor] = None                         # dev_end on the device (no window)
     unit_span: Tuple[int, int] = (0, 0)                            # host blocks [j0, j1) the stream part reads
     unit_lens: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cpu_fold: Optional[Fold] = None                                # fold_lengths(cpu): the CPU part's calls
 
     @property
     def has_cpu(self) -> bool:
@@ -354,6 +355,7 @@ def _device_tensors(cache: TieredKVCache, split: DecodeSplit) -> None:
     if rows:
         split.dev_rows = (torch.tensor(rows, device=dev), torch.tensor([split.lens[b] - 1 for b in rows], device=dev))
     split.dev_len = torch.tensor(split.dev_end, device=dev)
+    split.cpu_fold = fold_lengths(split.cpu, cache.block_tokens)
     j0, j1, lens, _ = fold_lengths([[r] for r in split.stream], cache.block_tokens)
     split.unit_span = (j0, j1)
     if lens is None:
@@ -451,7 +453,8 @@ def _cpu_part(cache: TieredKVCache, layer: int, q_host: torch.Tensor, ready, spl
     t0 = time.perf_counter()
     if ready is not None:
         ready.synchronize()
-    res = cpu_range_attention(q_host, cache.host_k[layer], cache.host_v[layer], split.cpu, cache.cpu_threads)
+    res = cpu_range_attention(q_host, cache.host_k[layer], cache.host_v[layer], split.cpu, cache.cpu_threads,
+                              split.cpu_fold)
     if cache.timing is not None:
         cache.timing.cpu_s += time.perf_counter() - t0
     return res

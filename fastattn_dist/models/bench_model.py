@@ -432,8 +432,8 @@ def context_run(model: LlamaForCausalLM, ctx, mode: str, opts: BenchModelOptions
         ctx, cap = resolve_context(model, ctx, model.kv_offload, steps)
         run.update(context=ctx, **({"context_max": cap} if cap else {}))
         log(f"[bench-model] context {ctx}, kv offload {mode}" + (" (the longest both tiers hold)" if cap else ""))
-        ids = random_ids(model.config.vocab_size, 1, ctx, 0, device)
-        model.max_seq_len = ctx + steps
+        ids = random_ids(model.config.vocab_size, 1, ctx, 0, "cpu")  # moved by generate, after the plan: a capacity
+        model.max_seq_len = ctx + steps                                # computed to the token sees no allocation first
         model.reset_cache(1, ctx + steps)  # the plan: a cache that cannot fit is refused here, before allocating
         if isinstance(model.cache, TieredKVCache):
             model.cache.timing = timing

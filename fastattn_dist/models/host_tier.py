@@ -53,9 +53,9 @@ class HostArena:
 
 
 def _register(buf: torch.Tensor) -> bool:
-    try:
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
-    except (RuntimeError, AttributeError) as e:
+    try:  # flag 1: cudaHostRegisterPortable, pinned for every CUDA context (as torch's own pinning helper)
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 1)
+    except (RuntimeError, AttributeError, AssertionError) as e:
         log.warning("host KV tier: pinning failed (%s); copies from it are synchronous", e)
         return False
     if int(err) != 0:
@@ -66,7 +66,10 @@ def _register(buf: torch.Tensor) -> bool:
 
 
 def _unregister(buf: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already; the process frees the pages
+        pass
 
 
 def arena_bytes(layers: int, blocks: int, batch: int, kv_heads: int, block_tokens: int, head_dim: int,

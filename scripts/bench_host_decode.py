@@ -7,7 +7,8 @@ Measures, at one thread count (default: torch's, i.e. all cores):
         one layer of a host tier in bf16: Llama-2-7B (32 kv heads x 128, 32 query heads) and Llama-3-8B
         (8 kv heads x 128, 32 query heads), 8K / 32K / 128K keys, batch 1 and 4; GB/s of K/V read and the
         ratio to (i);
-  (iii) the old path, ``kv_offload.host_attention`` (generic tiled flash attention), on the layout it takes.
+  (iii) the old path, generic tiled flash attention (``tiled_attention``, what decode used before this kernel),
+        on the layout it takes.
 Each case also reports the largest difference between the compiled and the torch result (relative to the
 largest output), a check that the kernel built for this CPU computes what the fallback does.
 
@@ -76,13 +77,12 @@ def read_bandwidth(gib: float, runs: int):
 
 
 def old_host_attention():
-    """kv_offload.host_attention as a callable (q, k, v, lengths), or None if this checkout has none."""
-    try:
-        from fastattn_dist.masks import Mask
-        from fastattn_dist.models.kv_offload import host_attention
-    except ImportError:
-        return None
-    return lambda q, k, v, kl: host_attention(q, k, v, Mask(False, None, kl), 0)
+    """The old host-tier decode path as a callable (q, k, v, lengths): tiled flash attention, 4096-key blocks."""
+    from fastattn_dist.attention.tiled import tiled_attention
+    from fastattn_dist.masks import Mask
+
+    return lambda q, k, v, kl: tiled_attention(q, k, v, Mask(False, None, kl), return_lse=True, block_q=128,
+                                               block_k=4096)
 
 
 def main(argv=None) -> int:

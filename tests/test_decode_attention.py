@@ -136,3 +136,23 @@ def test_int8_decode_paths_agree():
         assert torch.equal(out, decode.decode_attention(q, kd, vd, kv_len, backend=backend, window=window))
         if window is None:
             assert (out - split).abs().max() <= INT8_KERNEL_TOL * split.abs().max()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_two_tier_decode_through_the_split_kernel(share):
+    """The two-tier cache's decode (models/kv_offload.py) through the GPU's kernels: the split-K kernel reads the
+    device tier and the streamed host blocks through their folded, strided views; the CPU kernel the rest."""
+    from fastattn_dist.models.kv_offload import TieredKVCache, decode_split, tiered_decode_attention
+
+    B, Hkv, G, D, S, g = 2, 2, 2, 16, 40, 7
+    q, K, V = case(B, S, Hkv * G, Hkv, D, torch.float32, seed=int(share * 10))
+    lens = [33, 21]
+    cache = TieredKVCache(1, B, S, g, Hkv, D, torch.float32, torch.device("cpu"), block_tokens=4, unit_blocks=2)
+    cache.write_block(0, 0, B, 0, K[:, :max(lens) - 1], V[:, :max(lens) - 1])
+    split = decode_split(cache, lens, None, share)
+    assert select.decode_kernel_for("triton", q, None) == "split" and (share == 0.5) == split.has_cpu
+    pos = torch.tensor([n - 1 for n in lens])
+    k_new, v_new = K[torch.arange(B), pos][:, None], V[torch.arange(B), pos][:, None]
+    cache.append_token(0, k_new, v_new, split)
+    out = tiered_decode_attention(cache, 0, q, k_new, v_new, split, backend="triton")
+    assert rel(out, reference(q, K, V, lens)) < TOL[torch.float32]

@@ -155,7 +155,7 @@ def test_odd_head_dim_runs_on_the_torch_path():
 
 
 def test_lse_is_tiled_attentions():
-    """The natural-log LSE that tiled_attention(..., return_lse=True) gives, so the two merge by kv_offload.merge."""
+    """The natural-log LSE that tiled_attention(..., return_lse=True) gives, so the two merge by LSE (models/host_tier.merge_stacked)."""
     q, k, v = make(2, 300, 2, 4, 64, torch.float32, "bthd")
     kl = torch.tensor([300, 120])
     o_ref, lse_ref = tiled_attention(q, k, v, Mask(False, None, kl), return_lse=True)

@@ -5,6 +5,7 @@ Everything checkable is checked before a rank starts: a one-line error and exit 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,13 +15,14 @@ from datetime import date
 import torch
 
 from ..models.bench_model import BenchModelOptions, bench_model_rank
+from ..models.offload_plan import check_gpu_budget
 from ..models.presets import MODEL_HELP, SHAPES, model_config, resolve_model
 from ..parallel.link_models import GpuLinkModel, LinkModel
 from ..profiler.export import write_outputs
 from ..profiler.metrics import format_runs
 from ..profiler.report import render
 from ..runner import run_job
-from .generate import check_world, offload_arg
+from .generate import add_budget_options, check_cache_fits, check_world, gib_bytes, offload_arg, rank_sizing
 from .options import (add_precision_option, add_rank_options, add_standin_path, launch_from_args, nonneg_int, out_dir,
                       parse_dtype, positive_float, positive_int)
 
@@ -34,6 +36,46 @@ def _check_hf(want: bool) -> None:
         except ImportError:
             raise ValueError("the transformers baselines need the 'hf' extra (pip install 'fastattn-dist[hf]'); "
                              "or pass --no-hf") from None
+
+
+def context_arg(value: str):
+    """A ``--context`` value: a number of tokens >= 1, or "max" (the longest context both tiers hold)."""
+    if value != "max" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 1 or 'max', got {value!r}")
+    return value if value == "max" else int(value)
+
+
+def _context_budgets(args, gpu: bool, modes) -> dict:
+    """The long-context mode's budgets, checked (the sizes are checked per world size by ``_context_fits``)."""
+    if not args.context:
+        if args.host_budget_gb is not None or args.gpu_budget_gb is not None:
+            raise ValueError("--host-budget-gb and --gpu-budget-gb go with --context (long-context mode)")
+        return {}
+    if args.gpu_budget_gb is not None and not gpu:
+        raise ValueError("--gpu-budget-gb caps a GPU's memory: this run is on CPU")
+    if "max" in args.context and not gpu and "off" in modes:
+        raise ValueError("--context max with --kv-offload off needs a GPU (a CPU device tier has no memory limit); "
+                         "give a number of device tokens, e.g. --kv-offload 16")
+    return {"host_budget_gb": args.host_budget_gb, "gpu_budget_gb": args.gpu_budget_gb}
+
+
+def _context_fits(args, cfg, dtype: torch.dtype, modes, world: int) -> None:
+    """Sizes against budgets before any rank computes: a GPU budget must hold a rank's weights; when no requested run
+    fits its budgets, the first reason is the error (else the runs that cannot fit are rows with their reason)."""
+    if not args.context:
+        return
+    if args.gpu_budget_gb is not None:
+        check_gpu_budget(rank_sizing(cfg, dtype, world), 1, gib_bytes(args.gpu_budget_gb))
+    errors, numeric = [], [c for c in args.context if c != "max"]
+    for ctx in numeric:
+        for mode in modes:
+            try:
+                check_cache_fits(cfg, dtype, world, offload_arg(mode), ctx + args.decode_tokens, 1, args.host_budget_gb,
+                                 args.gpu_budget_gb)
+            except ValueError as e:
+                errors.append(e)
+    if errors and len(numeric) == len(args.context) and len(errors) == len(modes) * len(numeric):
+        raise errors[0]
 
 
 def _modes(args, gpu: bool):
@@ -76,7 +118,8 @@ def cmd_bench_model(args) -> int:
         raise ValueError("--layers applies to --model tiny and the built-in shapes")
     path = resolve_model(args.model, args.layers if args.model == "tiny" else None)
     cfg = model_config(path)
-    longest = max(args.context) if args.context else max(args.seq or [1024])
+    numeric = [c for c in args.context or [] if c != "max"]
+    longest = max(numeric or [0]) if args.context else max(args.seq or [1024])
     if longest + args.decode_tokens > cfg.max_position_embeddings:
         raise ValueError(f"{'--context' if args.context else '--seq'} {longest} + --decode-tokens "
                          f"{args.decode_tokens} exceeds the model's context ({cfg.max_position_embeddings})")
@@ -91,16 +134,17 @@ def cmd_bench_model(args) -> int:
     if args.seq and len(args.seq) > 1 and not args.emulate_tp:
         raise ValueError("--seq takes one length (several go with --emulate-tp: one row each)")
     extra = _emulation(args, gpu) if args.emulate_tp else {}
+    dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    extra.update(_context_budgets(args, gpu, modes))
     if args.emulate_tp:
         check_world(path if args.layers is None or path not in SHAPES else path, args.emulate_tp)
     link = None if (args.no_link or gpu) else LinkModel(args.link_latency_us, args.link_gbps)
-    opts = BenchModelOptions(path, args.model, parse_dtype(args.dtype) if args.dtype else
-                             (torch.bfloat16 if gpu else torch.float32), args.batch, (args.seq or [1024])[0],
+    opts = BenchModelOptions(path, args.model, dtype, args.batch, (args.seq or [1024])[0],
                              args.decode_tokens, args.repeats, args.warmup, args.seed, want_hf, link,
                              bool(args.profile), args.layers if path in SHAPES else None, args.context or [],
                              modes if args.context else [], attn_precision=args.attn_precision, **extra)
     res = run_job(bench_model_rank, launch, (opts,), check_world=None if args.emulate_tp else
-                  (lambda w: check_world(path, w)), label="bench-model")
+                  (lambda w: check_world(path, w) or _context_fits(args, cfg, dtype, modes, w)), label="bench-model")
     if res is None:
         return 0
     res.update(command="fastattn-dist " + " ".join(sys.argv[1:]), date=date.today().isoformat(), torch=torch.__version__,
@@ -169,18 +213,54 @@ def emulation_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _prefill_ratio(r: dict, run: dict) -> str:
+    """This run's prefill rate against the one-tier run at the same context, measured in the same command."""
+    off = next((o for o in r["runs"] if o["context"] == run["context"] and o["kv_offload"] == "off"
+                and "error" not in o), None)
+    if off is None or run["kv_offload"] == "off":
+        return ""
+    return f" ({run['prefill_tokens_per_s'] / off['prefill_tokens_per_s']:.2f}x of off)"
+
+
+def _decode_host(run: dict) -> str:
+    if not run.get("decode_host"):
+        return "-"
+    shares = run.get("decode_share_measured")
+    busy = "" if not shares else (f"; busy: CPU {shares['cpu_attention']:.0%}, copies "
+                                  f"{shares['host_to_device_copies']:.0%}, device tier {shares['device_tier_attention']:.0%}")
+    rate = f", {run['decode_host_read_gbps']:.1f} GB/s" if "decode_host_read_gbps" in run else ""
+    return f"{run['decode_host']} ({run['decode_cpu_share']:.0%} CPU){rate}{busy}"
+
+
 def context_markdown(r: dict) -> str:
-    lines = [f"Command: `{r['command']}`  ", f"Device: {r['device_name']} ({r['world']} ranks); torch {r['torch']}; date "
-             f"{r['date']}; longest context the device alone holds: {r.get('longest_without_offload', '-')} tokens  ",
+    budget = r.get("gpu_budget_gb")
+    view = f"; **GPU budget {budget:g} GB: a smaller GPU's view**" if budget else ""
+    lines = [f"Command: `{r['command']}`  ", f"Device: {r['device_name']} ({r['world']} ranks){view}; torch {r['torch']}; "
+             f"date {r['date']}; host budget {r.get('host_budget_gib', 0):.3g} GiB; longest context the device alone "
+             f"holds: {r.get('longest_without_offload', '-')} tokens  ",
              "", "| context | kv offload | prefill tokens/s | decode tokens/s | KV on device GiB | KV on host GiB | "
-             "decode host attention | note |", "|---|---|---|---|---|---|---|---|"]
+             "prefill chunk | decode host tier (CPU share), read rate; tier busy shares of decode time |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
         if "error" in run:
-            lines.append(f"| {run['context']} | {run['kv_offload']} | - | - | - | - | - | {run['error'][:120]} |")
+            lines.append(f"| {run['context']} | {run['kv_offload']} | refused: {run['error'][:200]} | | | | | |")
             continue
-        lines.append(f"| {run['context']} | {run['kv_offload']} | {run['prefill_tokens_per_s']:.0f} | "
+        lines.append(f"| {run['context']} | {run['kv_offload']} | {run['prefill_tokens_per_s']:.0f}{_prefill_ratio(r, run)} | "
                      f"{run['decode_tokens_per_s']:.2f} | {run['kv_device_gib']:.1f} | {run['kv_host_gib']:.1f} | "
-                     f"{run['decode_host'] or '-'} | {run['kv_plan'] or ''} |")
+                     f"{run['prefill_chunk']} | {_decode_host(run)} |")
+    for run in r["runs"]:
+        cap = run.get("context_max")
+        if cap:
+            lines.append(f"\n--context max, kv offload {run['kv_offload']}: {cap['cache_tokens']} tokens of cache "
+                         f"(context {run['context']} + the decode steps) = {cap['share_of_bound']:.1%} of the bound "
+                         f"{cap['bound_tokens']} = (device memory free after the weights and one chunk's activations "
+                         "+ the host budget) / KV bytes per token")
+    plans = [run["kv_plan"] for run in r["runs"] if run.get("decode_host")]
+    if plans:
+        lines.append(f"\nPlan of the last offloaded run: {plans[-1]}")
+    lines.append("\nTier busy shares are measured over the decode steps (CPU kernel wall time on its worker thread, "
+                 "copy-engine time of the streamed blocks and device-tier attention by CUDA events); the tiers run at "
+                 "once, so the shares overlap.")
     return "\n".join(lines)
 
 
@@ -209,8 +289,10 @@ def add_parser(sub) -> None:
                                            "(eager and sdpa) and our model with tiles=1")
     add_rank_options(p, world_default=2)
     p.add_argument("--model", default="tiny", help=MODEL_HELP + "; default tiny")
-    p.add_argument("--context", type=positive_int, nargs="*", default=None,
-                   help="long-context mode: prefill each of these contexts, then --decode-tokens steps, per --kv-offload")
+    p.add_argument("--context", type=context_arg, nargs="*", default=None,
+                   help="long-context mode: prefill each of these contexts, then --decode-tokens steps, per --kv-offload; "
+                        "'max': the longest context both tiers hold (computed from sizes, per mode)")
+    add_budget_options(p, "with --context: ")
     p.add_argument("--kv-offload", nargs="+", default=None,
                    help="with --context: KV cache modes to run: off, auto (GPU), or a number of tokens on the device "
                         "(default: off auto on GPUs, off on CPU)")

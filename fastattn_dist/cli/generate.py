@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..models.checkpoint import Checkpoint
 from ..models.generate import GenerateStats
 from ..models.llama import LlamaForCausalLM, model_shape
+from ..models.offload_plan import GIB, CacheSizing, check_request
 from ..models.presets import model_config, resolve_model
 from ..parallel.link_models import LinkModel
 from ..runner import job_device, run_job
@@ -51,13 +52,15 @@ class GenerateOptions:
     json: bool
     tokenizer: Optional[str]
     attn_precision: str = "bf16"
+    gpu_budget_gb: Optional[float] = None
 
 
 def generate_rank(rank: int, world: int, opts: GenerateOptions) -> Optional[dict]:
     model = LlamaForCausalLM.from_pretrained(opts.model, dtype=opts.dtype, device=job_device(), tiles=opts.tiles,
                                              link=opts.link, kv_offload=opts.kv_offload,
                                              host_budget_gb=opts.host_budget_gb, prefill_chunk=opts.prefill_chunk,
-                                             attn_precision=opts.attn_precision)
+                                             attn_precision=opts.attn_precision,
+                                             gpu_budget_gb=opts.gpu_budget_gb)
     stats = GenerateStats()
     stream = TokenStream(opts.tokenizer, opts.prompts, opts.max_new_tokens) if rank == 0 and not opts.json else None
     tokens = model.generate(opts.prompts, opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
@@ -67,7 +70,8 @@ def generate_rank(rank: int, world: int, opts: GenerateOptions) -> Optional[dict
     if rank != 0:
         return None
     plan = model.kv_plan
-    return {"tokens": tokens, "kv_cache": plan.describe() if plan else None, "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+    return {"tokens": tokens, "kv_cache": plan.describe() if plan else None, "gpu_budget_gb": opts.gpu_budget_gb,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s,
             "decode_tokens_per_s": stats.decode_tokens_per_s, "prompt_tokens": stats.prompt_tokens,
             "new_tokens": sum(len(t) for t in tokens), "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
             "world_size": world, "device": str(model.device), "plan": list(model.last_plan.bounds),
@@ -121,6 +125,23 @@ class TokenStream:
         else:
             rest = self._text(0)
             print(rest[len(self.shown):] if rest.startswith(self.shown) else "", flush=True)
+
+
+def rank_sizing(cfg, dtype: torch.dtype, world: int) -> CacheSizing:
+    """The sizes of rank 0's shard at this world size (weights, KV bytes per token, activations)."""
+    return CacheSizing.of(cfg, model_shape(cfg, world, 0), torch.empty(0, dtype=dtype).element_size())
+
+
+def gib_bytes(gb: Optional[float]) -> Optional[int]:
+    return None if gb is None else int(gb * GIB)
+
+
+def check_cache_fits(cfg, dtype: torch.dtype, world: int, kv_offload, tokens: int, batch: int,
+                     host_budget_gb: Optional[float], gpu_budget_gb: Optional[float]) -> None:
+    """The sizes a request decides before any rank starts: a GPU budget holds a rank's weights, and the cache of
+    ``tokens`` per sequence fits the budgets (offload_plan.check_request); a one-line ValueError naming them."""
+    check_request(kv_offload, tokens, batch, rank_sizing(cfg, dtype, world), gib_bytes(host_budget_gb),
+                  gib_bytes(gpu_budget_gb))
 
 
 def offload_arg(value: str):
@@ -190,22 +211,42 @@ def cmd_generate(args) -> int:
     kv_offload = offload_arg(args.kv_offload)
     if kv_offload == "auto" and launch.device_type() != "cuda":
         raise ValueError("--kv-offload auto splits the KV cache between a GPU and host memory: this run is on CPU")
+    if args.gpu_budget_gb is not None and launch.device_type() != "cuda":
+        raise ValueError("--gpu-budget-gb caps a GPU's memory: this run is on CPU")
+    tokens = max(len(p) for p in prompts) + args.max_new_tokens
+
+    def check(world: int) -> None:
+        check_world(path, world)
+        check_cache_fits(cfg, dtype, world, kv_offload, tokens, len(prompts), args.host_budget_gb, args.gpu_budget_gb)
     opts = GenerateOptions(path, dtype, args.tiles, prompts, args.max_new_tokens, args.temperature, args.top_p,
                            args.seed, args.stop_tokens, None if args.no_link else
                            LinkModel(args.link_latency_us, args.link_gbps), kv_offload, args.host_budget_gb,
-                           args.prefill_chunk, args.json, ckpt.tokenizer_file, args.attn_precision)
-    res = run_job(generate_rank, launch, (opts,), check_world=lambda w: check_world(path, w), label="generate")
+                           args.prefill_chunk, args.json, ckpt.tokenizer_file, args.attn_precision, args.gpu_budget_gb)
+    res = run_job(generate_rank, launch, (opts,), check_world=check, label="generate")
     if res is None:
         return 0
     for i, toks in enumerate([] if res["streamed"] else res["tokens"]):
         print(f"[{i}] {tok.decode(prompts[i] + toks, skip_special_tokens=True)}" if tok is not None else f"[{i}] {toks}")
     n = res["world_size"]
+    view = f" (GPU budget {res['gpu_budget_gb']:g} GB: a smaller GPU's view)" if res.get("gpu_budget_gb") else ""
     print(f"prefill {res['prefill_tokens_per_s']:.1f} tokens/s ({res['prompt_tokens']} tokens), decode "
-          f"{res['decode_tokens_per_s']:.1f} tokens/s; {n} rank{'s' if n > 1 else ''} on {res['device']}",
+          f"{res['decode_tokens_per_s']:.1f} tokens/s; {n} rank{'s' if n > 1 else ''} on {res['device']}{view}",
           file=sys.stderr)
+    if res.get("kv_cache"):
+        print(res["kv_cache"], file=sys.stderr)
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+def add_budget_options(p, scope: str = "") -> None:
+    """--host-budget-gb and --gpu-budget-gb (here and in bench-model's long-context mode, ``scope`` says so)."""
+    p.add_argument("--host-budget-gb", type=positive_float, default=None,
+                   help=scope + "host memory the KV cache's host tier may take (default: 80%% of what is available, "
+                        "shared by the node's ranks)")
+    p.add_argument("--gpu-budget-gb", type=positive_float, default=None,
+                   help=scope + "device memory each rank may use in all (weights, activations, cache), so a large "
+                        "GPU stands in for a smaller one (labelled so in every output)")
 
 
 def add_parser(sub) -> None:
@@ -229,10 +270,10 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-offload", default="off",
                    help="off (default), auto (split the KV cache between the GPU and host memory when it does not "
                         "fit), or a number of tokens per sequence to keep on the device")
-    p.add_argument("--host-budget-gb", type=positive_float, default=None,
-                   help="host memory the KV cache may take (default: 80%% of what is available)")
+    add_budget_options(p)
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
-                   help="prefill in chunks of this many tokens (default: whole prompts; 8192 with offload)")
+                   help="prefill in chunks of this many tokens (default: whole prompts; with a host tier the cost "
+                        "model's choice)")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line (tokens, tokens/s)")
     add_precision_option(p)
     p.set_defaults(func=cmd_generate)

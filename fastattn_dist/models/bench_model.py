@@ -5,7 +5,8 @@ Three modes, every variant of a mode timed in the same run:
 * **standard**: our prefill with ``tiles="auto"`` and ``tiles=1`` (timed in turn within each repeat), transformers
   (eager, sdpa) with the same weights where it can run, decode tokens/s of ours and of transformers (each timed
   over its decode steps alone), and on GPUs the two ceilings (bf16 GEMM rate, device copy rate) measured now;
-* **long context** (``contexts``): prefill and decode per KV offload mode (kv_offload.py);
+* **long context** (``contexts``, a number or "max": the longest context both tiers hold): prefill and decode per
+  KV offload mode (kv_offload.py), each tier's share of the decode time, within optional host and GPU budgets;
 * **emulation** (``emulate_tp`` = N): this one process plays rank 0 of a TP=N model: that rank's shard (its heads,
   kv heads, intermediate and vocabulary slices, every layer), every collective replaced by the comm stand-in
   (the GPU's modelled NCCL, or on CPU the simulated link). Per prompt shape: time to first token of every plan
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -31,7 +32,9 @@ from ..recorder import SpanRecorder
 from ..runner import barrier, interleaved_median_ms, job_device, median_ms, sync
 from .checkpoint import Checkpoint
 from .generate import GenerateStats
+from .kv_offload import TieredKVCache, TierTiming
 from .llama import LlamaForCausalLM
+from .offload_plan import GIB, default_host_budget, device_free_bytes, longest_context, measure_rates
 from .presets import SHAPES, preset_config
 
 
@@ -50,7 +53,7 @@ class BenchModelOptions:
     link: Optional[LinkModel] = None
     profile: bool = False
     layers: Optional[int] = None    # a preset with this many layers (a slice of the model)
-    contexts: List[int] = field(default_factory=list)
+    contexts: List[Union[int, str]] = field(default_factory=list)   # token counts, or "max"
     kv_offload: List[str] = field(default_factory=list)
     emulate_tp: Optional[int] = None
     standin: Optional[GpuLinkModel] = None
@@ -59,6 +62,8 @@ class BenchModelOptions:
     decode_batches: List[int] = field(default_factory=list)
     decode_prompt: int = 2048
     attn_precision: str = "bf16"    # the model's attention arithmetic (--attn-precision)
+    host_budget_gb: Optional[float] = None   # long context: the host tier's budget (default: 80% of what is free)
+    gpu_budget_gb: Optional[float] = None    # long context: the device memory to use, as on a smaller GPU
 
 
 def log_on(rank: int) -> Callable[[str], None]:
@@ -386,32 +391,69 @@ def profile_prefill(model: LlamaForCausalLM, ids: torch.Tensor, opts: BenchModel
 
 
 # -- the long-context mode --------------------------------------------------------------------------------------
-def context_run(model: LlamaForCausalLM, ctx: int, mode: str, opts: BenchModelOptions, log) -> dict:
+def resolve_context(model: LlamaForCausalLM, ctx, mode, steps: int) -> Tuple[int, Optional[dict]]:
+    """A context of the table: a number as it is, or "max": the longest context both tiers hold in ``mode`` with
+    this model's budgets, less the decode steps (computed from sizes: nothing is allocated to find it)."""
+    if ctx != "max":
+        return ctx, None
+    rates = measure_rates(model.device) if mode != "off" else None
+    cap = longest_context(mode, batch=1, sizing=model.kv_sizing(), device=model.device,
+                          limit=model.config.max_position_embeddings, pcie_gbps=rates.pcie_gbps if rates else 0.0,
+                          **model.kv_budgets())
+    model.prefill_chunk = cap.prefill_chunk or None  # the chunk the capacity was computed for
+    info = {"cache_tokens": cap.tokens, "bound_tokens": cap.bound_tokens, "share_of_bound": cap.share_of_bound,
+            "prefill_chunk": cap.prefill_chunk, "gpu_tokens": cap.gpu_tokens}
+    return cap.tokens - steps, info
+
+
+def tier_shares(model: LlamaForCausalLM, timing: Optional[TierTiming], decode_s: float, ctx: int, steps: int) -> dict:
+    """Measured busy time of each tier's attention over the decode steps, as shares of the decode time (the tiers run
+    at once, so the shares overlap), and the rate decode read the host tier at."""
+    c, plan = model.cache, model.kv_plan
+    if timing is None or not plan.offloaded or decode_s <= 0:
+        return {}
+    host_tokens = sum(max(0, ctx + i - 1 - plan.gpu_tokens) for i in range(1, steps + 1))  # host keys read, all steps
+    host_bytes = host_tokens * model.kv_bytes_per_token()
+    return {"decode_share_measured": {"cpu_attention": timing.cpu_s / decode_s,
+                                      "host_to_device_copies": c.stream.busy_seconds() / decode_s,
+                                      "device_tier_attention": timing.device_seconds() / decode_s},
+            "decode_host_read_gbps": host_bytes / decode_s / 1e9}
+
+
+def context_run(model: LlamaForCausalLM, ctx, mode: str, opts: BenchModelOptions, log) -> dict:
     """One context in one KV offload mode: prefill, then ``decode_tokens`` steps; a row with its error when the
-    mode cannot run at that context (not a crash)."""
-    run, device = {"context": ctx, "kv_offload": mode}, model.device
-    model.cache, model.kv_plan = None, None
+    mode cannot run at that context (refused by the plan before any large allocation, or out of memory)."""
+    run, device, steps = {"context": ctx, "kv_offload": mode}, model.device, opts.decode_tokens
+    model.cache, model.kv_plan, model.prefill_chunk = None, None, None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model.kv_offload = int(mode) if mode not in ("auto", "off") else mode
-    ids = random_ids(model.config.vocab_size, 1, ctx, 0, device)
-    log(f"[bench-model] context {ctx}, kv offload {mode}")
-    st = GenerateStats()
+    st, timing = GenerateStats(), TierTiming()
     try:
-        model.generate(ids, opts.decode_tokens, stop_tokens=[], stats=st)
+        ctx, cap = resolve_context(model, ctx, model.kv_offload, steps)
+        run.update(context=ctx, **({"context_max": cap} if cap else {}))
+        log(f"[bench-model] context {ctx}, kv offload {mode}" + (" (the longest both tiers hold)" if cap else ""))
+        ids = random_ids(model.config.vocab_size, 1, ctx, 0, "cpu")  # moved by generate, after the plan: a capacity
+        model.max_seq_len = ctx + steps                                # computed to the token sees no allocation first
+        model.reset_cache(1, ctx + steps)  # the plan: a cache that cannot fit is refused here, before allocating
+        if isinstance(model.cache, TieredKVCache):
+            model.cache.timing = timing
+        model.generate(ids, steps, stop_tokens=[], stats=st)
     except (ValueError, torch.OutOfMemoryError) as e:
-        run["error"] = f"{type(e).__name__}: {e}"[:300]
+        run["error"] = f"{type(e).__name__}: {e}"[:400]
         log(f"[bench-model]   does not run: {run['error']}")
+        model.cache = None
         return run
     sync(device)
     plan, c = model.kv_plan, model.cache
     run.update(prefill_tokens_per_s=st.prefill_tokens_per_s, decode_tokens_per_s=st.decode_tokens_per_s,
-               prefill_s=st.prefill_s, decode_s=st.decode_s, kv_plan=plan.describe() if plan else None,
-               gpu_tokens=plan.gpu_tokens if plan else ctx,
+               prefill_s=st.prefill_s, decode_s=st.decode_s, kv_plan=plan.describe(), gpu_tokens=plan.gpu_tokens,
                kv_device_gib=(c.gpu_bytes if hasattr(c, "gpu_bytes") else c.nbytes) / (1 << 30),
-               kv_host_gib=getattr(c, "host_bytes", 0) / (1 << 30),
-               decode_host=plan.decode_host if plan and plan.offloaded else None,
-               pcie_gbps=plan.pcie_gbps if plan else None, cpu_gbps=plan.cpu_gbps if plan else None)
+               kv_host_gib=getattr(c, "host_bytes", 0) / (1 << 30), prefill_chunk=min(plan.prefill_chunk or ctx, ctx),
+               decode_host=plan.decode_host if plan.offloaded else None,
+               decode_cpu_share=plan.decode_cpu_share if plan.offloaded else None, rates=vars(plan.rates),
+               pcie_gbps=plan.pcie_gbps or None, cpu_gbps=plan.cpu_gbps or None)
+    run.update(tier_shares(model, timing if plan.offloaded else None, st.decode_s, ctx, st.decode_steps))
     log(f"[bench-model]   prefill {run['prefill_tokens_per_s']:.0f} tokens/s, decode "
         f"{run['decode_tokens_per_s']:.2f} tokens/s; {run['kv_plan']}")
     model.cache = None
@@ -419,22 +461,28 @@ def context_run(model: LlamaForCausalLM, ctx: int, mode: str, opts: BenchModelOp
 
 
 def long_context(rank: int, world: int, opts: BenchModelOptions) -> Optional[dict]:
-    """Each context in each KV offload mode: tokens/s, the KV split between the tiers, where decode attention ran;
-    and the longest context the device alone holds."""
+    """Each context (or "max") in each KV offload mode: tokens/s, the KV split between the tiers, how decode read the
+    host tier and each tier's share of its time; the longest context the device alone holds; the budgets."""
     device, log = job_device(), log_on(rank)
-    model = build_model(opts, device, max_seq_len=max(opts.contexts) + opts.decode_tokens + 1)
-    res = {"model": opts.label, "world": world, "device": str(device), "runs": []}
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        res["device_free_gib"] = free / (1 << 30)
-        res["longest_without_offload"] = int((free - model.kv_reserve_bytes()) // model.kv_bytes_per_token())
-    # Untimed: each path once at a short context (kernel compiles, cuDNN plans, the first pinned allocations),
-    # the offloaded one with half of it on the host.
-    warm_ctx = min(min(opts.contexts), 512)
+    numeric = [c for c in opts.contexts if c != "max"] or [1024]
+    model = build_model(opts, device, max_seq_len=max(numeric) + opts.decode_tokens + 1)
+    # Untimed, before the budgets apply: each path once at a short context (kernel compiles, cuDNN plans, the rates
+    # the plan measures, the first pinned allocations), the offloaded one with half of it on the host.
+    warm_ctx = min(numeric + [512])
     warm_ids = random_ids(model.config.vocab_size, 1, warm_ctx, 1, device)
     for mode in dict.fromkeys("off" if m == "off" else max(1, warm_ctx // 2) for m in opts.kv_offload):
-        model.cache, model.kv_plan, model.kv_offload = None, None, mode
+        model.cache, model.kv_plan, model.kv_offload, model.max_seq_len = None, None, mode, warm_ctx + 3
         model.generate(warm_ids, 2, stop_tokens=[])
+    model.cache = None
+    model.host_budget_gb, model.gpu_budget_gb = opts.host_budget_gb, opts.gpu_budget_gb
+    budgets = model.kv_budgets()
+    res = {"model": opts.label, "world": world, "device": str(device), "runs": [], "gpu_budget_gb": opts.gpu_budget_gb,
+           "host_budget_gib": (budgets["host_budget_bytes"] or default_host_budget()) / GIB}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        res["device_free_gib"] = device_free_bytes(device, budgets["gpu_budget_bytes"]) / GIB
+        res["longest_without_offload"] = longest_context("off", batch=1, sizing=model.kv_sizing(), device=device,
+                                                         limit=model.config.max_position_embeddings, **budgets).tokens
     with torch.no_grad():
         res["runs"] = [context_run(model, ctx, mode, opts, log) for ctx in opts.contexts for mode in opts.kv_offload]
     return res if rank == 0 else None

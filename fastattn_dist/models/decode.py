@@ -8,7 +8,8 @@
   (Both over an int8 cache too, ``Int8KVCache``: the new token's key and value are quantized as they are
   appended, and attention reads int8 keys and values: kv_cache.py.)
   ``TieredDecode``    a KV cache with a host tier (kv_offload.py): each sequence's new key goes to the tier its
-                      position falls in, attention runs on both tiers and is merged by LSE. Host work: no graph.
+                      position falls in; attention runs on the device tier, on the CPU and on streamed host
+                      blocks at once, merged by LSE. Host work: no graph.
 
 Every all-reduce and the LM head's gather go through the model's comm path (``CommPath``).
 """
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 
 from .kv_cache import Int8KVCache, KVCache
-from .kv_offload import TieredKVCache, tiered_decode_attention
+from .kv_offload import DecodeSplit, TieredKVCache, decode_split, stream_units, tiered_decode_attention
 from .layers import fused_kernels, rms_norm
 
 
@@ -61,29 +62,48 @@ class OneTierDecode:
 
 
 class TieredDecode(OneTierDecode):
-    """Decode over a device + host KV cache (kv_offload.py); the host tier's lengths are read on the host."""
+    """Decode over a device + host KV cache (kv_offload.py). Each step's split of every sequence's keys (device
+    tier, newest token, host keys streamed or on the CPU at the plan's ``decode_cpu_share``) is made once, on the
+    host, for all layers; at the step's end the new host tokens are scattered into the tier and the next step's
+    first streamed units are prefetched while the LM head and sampling run."""
 
     def __init__(self, model) -> None:
         super().__init__(model)
-        self._lens = None
+        self._split: Optional[DecodeSplit] = None
+        self._next: Optional[DecodeSplit] = None
+
+    def _split_for(self, lens) -> DecodeSplit:
+        share = self.model.kv_plan.decode_cpu_share
+        nxt = self._next
+        if nxt is not None and nxt.lens == list(lens) and nxt.share == share:
+            return nxt
+        return decode_split(self.model.cache, lens, self.window(), share)
 
     def attend(self, li, q, k, v):
         c = self.model.cache
-        for b, n in enumerate(c.host_lengths):  # sequences sit at different positions
-            c.write_block(li, b, b + 1, n, k[b:b + 1], v[b:b + 1])
-        return tiered_decode_attention(c, li, q, self._lens, self.model.kv_plan.decode_host, self.window(),
-                                       self.model.attn_backend)
+        c.append_token(li, k, v, self._split)
+        return tiered_decode_attention(c, li, q, k, v, self._split, self.model.attn_backend)
 
     def __call__(self, ids):
         c = self.model.cache
-        self._lens = [n + 1 for n in c.host_lengths]
-        if max(self._lens) > c.max_seq_len:
+        lens = [n + 1 for n in c.host_lengths]  # sequences sit at different positions
+        if max(lens) > c.max_seq_len:
             raise ValueError(f"the KV cache holds {c.max_seq_len} tokens per sequence: no room for another")
+        c.flush()  # the prefill's host writes (or the last step's tokens) readable before any host read
+        c.stream.timing = c.timing is not None
+        self._split = self._split_for(lens)
         return super().__call__(ids)
 
     def finish(self) -> None:
         super().finish()
-        self.model.cache.host_lengths = self._lens
+        c = self.model.cache
+        c.host_lengths = self._split.lens
+        c.flush()
+        lens = [n + 1 for n in self._split.lens]
+        self._next = None
+        if max(lens) <= c.max_seq_len:
+            self._next = self._split_for(lens)
+            c.stream.prefetch(stream_units(c, 0, self._next), [e for _, e in self._next.stream])
 
 
 class FusedDecode(OneTierDecode):

@@ -1,227 +1,104 @@
 """Long context beyond GPU memory: the KV cache split between the device and (pinned) host memory.
 
-Per layer, positions [0, gpu_tokens) of every sequence stay on the device and the rest go to host
-memory (``TieredKVCache``): the oldest keys are the ones every later query reads, so they get the fast
-tier, and a growing sequence spills its newest tokens to the host. Attention runs where the keys are:
+Per layer, positions [0, gpu_tokens) of every sequence stay on the device and the rest go to host memory
+(``TieredKVCache``): the oldest keys are the ones every later query reads, so they get the fast tier, and a
+growing sequence spills its newest tokens to the host. The host tier's layout, memory and CPU attention are
+host_tier.py's, its streaming to the device host_stream.py's, the plan (split, chunk, rates) offload_plan.py's.
+Attention runs where the keys are, partial results over disjoint keys merged exactly by their log-sum-exp:
 
-* prefill, in chunks of the sequence (activations stay bounded at any length): a chunk attends to its
-  own keys (causal), the device tier's, and the host tier's; on a GPU host keys are streamed to the device
-  in blocks (double-buffered on a copy stream, the next block copying while the current one is attended:
-  a chunk of C queries does C times more work per key than the copy costs, so the CPU never wins here),
-  without one they are attended on the CPU; new keys of the host tier are written by asynchronous copies
-  on the copy stream, overlapped with compute.
-* decode: the device tier on the device while a worker thread attends the host tier on the CPU (only a
-  query and a partial result cross PCIe), or host blocks streamed to the device, by the same plan.
-Partial results over disjoint keys are merged exactly by their log-sum-exp (``merge``).
-
-``OffloadPlan.decide`` picks the split ("auto": from free device memory and a host budget; "off"; or a
-token count) and measures, once per process and device, the host-to-device copy rate and the CPU's
-attention rate to choose between streaming and CPU attention for decode. The default host budget is
-80% of the host memory available, shared by the ranks of this node. On CPU-only runs both tiers are CPU
-tensors (tests).
+* prefill, in chunks of the sequence (the plan's chunk: activations stay bounded at any length): a chunk whose
+  keys all sit on the device is one attention call; otherwise it attends the device tier's keys, its own keys
+  beyond it, and the host keys before it, streamed to the device in units (the copy engine fills a ring of
+  slots while earlier units and the next layer compute; a chunk of C queries does C times more work per key
+  than the copy costs, so prefill never attends the host tier on the CPU). A chunk's own host keys are written
+  by device-to-host copies on a write stream; streamed reads wait for them on the device, never on the host.
+* decode, per layer, four parts at once: the device tier by the split-K kernel; the newest token from the
+  registers it was computed in; the host tier split at the plan's ``decode_cpu_share``: the newer part attended
+  by the compiled CPU kernel on a worker thread (only a query and a partial result cross PCIe), the older part
+  streamed to the device (prefetched while the layer before computes: streaming does not need the query).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..attention import kernel_for, run_kernel, tiled_attention
+from ..attention import kernel_for, run_kernel
+from ..attention.cudnn_split import merge as merge_into
 from ..attention.decode import decode_attention
+from ..attention.host_decode import compiled_kernel
 from ..masks import Mask
-from ..parallel.process_group import local_ranks
+from .host_stream import HostStream, Unit
+from .host_tier import (Fold, HostArena, Range, arena_bytes, cpu_range_attention, fold, fold_lengths, merge_stacked,
+                        no_keys, scatter_tokens, write_positions)
+from .offload_plan import (DEFAULT_PREFILL_CHUNK, GIB, STREAM_SLOTS, CacheSizing, OffloadPlan, cpu_threads,
+                           host_block_tokens, host_memory_bytes, kv_bytes_per_token, measure_rates,
+                           stream_unit_blocks)
 
-GIB = 1 << 30
-DEFAULT_PREFILL_CHUNK = 8192   # prefill chunk with a host tier: activations bounded, host keys streamed per chunk
-STREAM_BLOCK_TOKENS = 16384    # host keys streamed to the device per block (two blocks in flight)
-ALLOCATOR_SLACK_BYTES = 2 * GIB  # kept free beside the cache: allocator fragmentation, library workspaces
-
-
-def kv_bytes_per_token(shape, num_layers: int, elem_bytes: int) -> int:
-    """K and V of one position of one sequence, all layers, on this rank (``shape``: the model's TPShape)."""
-    return 2 * num_layers * shape.local_kv_heads * shape.head_dim * elem_bytes
-
-
-def reserve_bytes(shape, num_layers: int, elem_bytes: int, prefill_chunk: Optional[int] = None) -> int:
-    """Device memory a KV cache must leave free: one prefill chunk's activations (the residual stream, a
-    sublayer's output and its normalised input, q/k/v, the MLP's gate/up and activation, in the model dtype), the
-    streamed host blocks of one layer, and the allocator's slack."""
-    chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
-    qkv = (shape.local_heads + 2 * shape.local_kv_heads) * shape.head_dim
-    acts = chunk * (6 * shape.hidden_size + 4 * shape.local_intermediate + 4 * qkv) * elem_bytes
-    streamed = 2 * STREAM_BLOCK_TOKENS * kv_bytes_per_token(shape, num_layers, elem_bytes) // num_layers
-    return acts + streamed + ALLOCATOR_SLACK_BYTES
-
-
-def host_memory_bytes() -> int:
-    """Memory available to this process now (MemAvailable), or 0 when it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-@dataclass
-class OffloadPlan:
-    """Where the KV cache lives and where host-tier attention runs."""
-
-    gpu_tokens: int          # positions per sequence on the device (== max_seq_len: no offload)
-    max_seq_len: int
-    bytes_per_token: int     # K and V of one position of one sequence, all layers
-    prefill_host: str        # "stream" or "cpu": how a prefill chunk attends to the host tier
-    decode_host: str         # "stream" or "cpu": how a decode step does
-    pcie_gbps: float = 0.0   # measured host -> device copy rate
-    cpu_gbps: float = 0.0    # measured CPU attention rate, bytes of K/V per second
-    why: str = ""
-
-    @property
-    def offloaded(self) -> bool:
-        return self.gpu_tokens < self.max_seq_len
-
-    def describe(self) -> str:
-        if not self.offloaded:
-            return f"KV cache on the device ({self.max_seq_len} tokens x {self.bytes_per_token / 1024:.0f} KiB)"
-        host = self.max_seq_len - self.gpu_tokens
-        return (f"KV cache: {self.gpu_tokens} tokens on the device ({self.gpu_tokens * self.bytes_per_token / GIB:.1f} "
-                f"GiB), {host} on the host ({host * self.bytes_per_token / GIB:.1f} GiB); host-tier attention: "
-                f"prefill {self.prefill_host}, decode {self.decode_host} (measured: "
-                + (f"host->device {self.pcie_gbps:.1f} GB/s, " if self.pcie_gbps > 0 else "")
-                + f"CPU attention {self.cpu_gbps:.1f} GB/s of K/V). {self.why}")
-
-    @staticmethod
-    def check_mode(mode, device: torch.device) -> None:
-        """``mode`` is "off", "auto" or a token count >= 1, and "auto" has a GPU to split against."""
-        if mode not in ("off", "auto") and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
-            raise ValueError(f"kv_offload must be 'auto', 'off' or a number of tokens on the device, got {mode!r}")
-        if mode == "auto" and device.type != "cuda":
-            raise ValueError("kv_offload='auto' splits the KV cache between a GPU and host memory: this model is on "
-                             f"{device.type}; use a GPU (or give a token count to split a CPU cache, for tests)")
-
-    @classmethod
-    def decide(cls, mode, *, max_seq_len: int, batch: int, bytes_per_token: int, device: torch.device,
-               host_budget_bytes: Optional[int] = None, reserve_bytes: int = 0, measure: bool = True) -> "OffloadPlan":
-        """``mode``: "off", "auto" or a number of device tokens. Raises ValueError, before any large
-        allocation, when the cache cannot fit: offload on a CPU-only run, a host budget too small, a context
-        over both tiers."""
-        need = max_seq_len * batch * bytes_per_token
-        if mode == "off":
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                if need > free - reserve_bytes:
-                    raise ValueError(f"the KV cache needs {need / GIB:.1f} GiB for {max_seq_len} tokens x {batch} "
-                                     f"sequences; {device} has {free / GIB:.1f} GiB free ({reserve_bytes / GIB:.1f} "
-                                     "kept for activations): use kv_offload='auto' or a shorter context")
-            return cls(max_seq_len, max_seq_len, bytes_per_token, "stream", "cpu", why="offload off")
-        if device.type != "cuda" and mode == "auto":
-            return cls(max_seq_len, max_seq_len, bytes_per_token, "stream", "cpu", why="no GPU: one tier")
-        if isinstance(mode, bool) or not (mode == "auto" or isinstance(mode, int)):
-            raise ValueError(f"kv_offload must be 'auto', 'off' or a number of device tokens, got {mode!r}")
-        if mode == "auto":
-            free, _ = torch.cuda.mem_get_info(device)
-            fit = max(0, free - reserve_bytes) // (batch * bytes_per_token)
-            if fit >= max_seq_len:
-                return cls(max_seq_len, max_seq_len, bytes_per_token, "stream", "cpu",
-                           why=f"auto: the whole cache fits the device ({need / GIB:.1f} GiB of {free / GIB:.1f} free)")
-            gpu_tokens = int(fit)
-            why = (f"auto: {free / GIB:.1f} GiB free on the device, {reserve_bytes / GIB:.1f} GiB kept for "
-                   f"activations: {gpu_tokens} tokens there")
-        else:
-            if mode < 1:
-                raise ValueError(f"kv_offload tokens on the device must be >= 1, got {mode}")
-            gpu_tokens = min(mode, max_seq_len)
-            why = f"{gpu_tokens} tokens on the device as asked"
-        if gpu_tokens < 1:
-            raise ValueError(f"no room for the KV cache on {device}: free memory is below the {reserve_bytes / GIB:.1f} "
-                             "GiB kept for activations")
-        host_need = (max_seq_len - gpu_tokens) * batch * bytes_per_token
-        # the ranks of a node share its memory: each takes its share of the default budget
-        budget = host_budget_bytes if host_budget_bytes is not None else int(0.8 * host_memory_bytes()) // local_ranks()
-        if host_need > budget:
-            raise ValueError(f"the KV cache's host tier needs {host_need / GIB:.1f} GiB for {max_seq_len} tokens x "
-                             f"{batch} sequences, over the host budget of {budget / GIB:.1f} GiB: lower the context "
-                             f"or raise the budget (the context both tiers can hold is about "
-                             f"{gpu_tokens + budget // (batch * bytes_per_token)} tokens)")
-        plan = cls(gpu_tokens, max_seq_len, bytes_per_token, "stream", "cpu", why=why)
-        if measure:
-            plan.pcie_gbps, plan.cpu_gbps = measure_rates(device)
-            # decode reads each host key once per step: the faster reader wins; a prefill chunk does C x more
-            # work per key on the CPU than a copy costs, so it streams unless copies are unavailable
-            plan.decode_host = "cpu" if plan.cpu_gbps >= plan.pcie_gbps or device.type != "cuda" else "stream"
-            plan.prefill_host = "stream" if device.type == "cuda" else "cpu"
-        return plan
+NEG_LSE = -1e30   # a part without keys, as a finite log-sum-exp: merges then never see -inf minus -inf
 
 
 def log_offload_plan(plan: OffloadPlan) -> None:
     logging.getLogger("fastattn_dist").warning("%s", plan.describe())
 
 
-_RATES: dict = {}  # device -> measured rates: a cache made again later does not measure again
+@dataclass
+class TierTiming:
+    """Busy time of each tier's attention over timed decode steps (bench-model): the CPU kernel's wall time on the
+    worker, the copy engine's time on the streamed units, the device tier's kernels (CUDA events)."""
 
+    steps: int = 0
+    cpu_s: float = 0.0
+    device_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+    device_s: float = 0.0
 
-def measure_rates(device: torch.device, mb: Optional[int] = None) -> Tuple[float, float]:
-    """(host -> device copy GB/s from pinned memory, CPU decode-attention GB/s of K/V): a few milliseconds,
-    once per process and device."""
-    key = str(device)
-    if key not in _RATES:
-        _RATES[key] = _measure_rates(device, mb)
-    return _RATES[key]
-
-
-def _measure_rates(device: torch.device, mb: Optional[int] = None) -> Tuple[float, float]:
-    mb = mb or (256 if device.type == "cuda" else 16)
-    pcie = 0.0
-    if device.type == "cuda":
-        src = torch.empty(mb << 20, dtype=torch.uint8).pin_memory()
-        dst = torch.empty_like(src, device=device)
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        pcie = (mb << 20) / (time.perf_counter() - t0) / 1e9
-        del src, dst
-    H, D, L = 8, 128, (mb << 20) // (2 * 8 * 128 * 2)
-    k = torch.randn(1, L, H, D).to(torch.bfloat16)
-    q = torch.randn(1, 1, H, D).to(torch.bfloat16)
-    host_attention(q, k, k, Mask(False, None, None), 0)
-    t0 = time.perf_counter()
-    host_attention(q, k, k, Mask(False, None, None), 0)
-    cpu = 2 * k.numel() * k.element_size() / (time.perf_counter() - t0) / 1e9
-    return pcie, cpu
+    def device_seconds(self) -> float:
+        if self.device_events:
+            self.device_events[-1][1].synchronize()
+        return self.device_s + sum(a.elapsed_time(b) for a, b in self.device_events) / 1e3
 
 
 # -- the tiered cache ----------------------------------------------------------------------------------------
 class TieredKVCache:
-    """Per layer ``[batch, gpu_tokens, kv_heads, head_dim]`` on the device and ``[batch, max_seq_len - gpu_tokens,
-    kv_heads, head_dim]`` in host memory (pinned when the device is a GPU). ``lengths`` on the device as in
-    KVCache, and ``host_lengths`` on the host (an offloaded decode reads them there)."""
+    """Per layer ``[batch, gpu_tokens, kv_heads, head_dim]`` on the device and ``[blocks, batch, kv_heads,
+    block_tokens, head_dim]`` in host memory (host_tier.py; pinned when the device is a GPU). ``lengths`` on the
+    device as in KVCache, and ``host_lengths`` on the host (an offloaded decode reads them there)."""
 
     def __init__(self, num_layers: int, batch: int, max_seq_len: int, gpu_tokens: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, *, block_tokens: Optional[int] = None,
+                 unit_blocks: Optional[int] = None, slots: int = STREAM_SLOTS) -> None:
         self.batch, self.max_seq_len, self.gpu_tokens = batch, max_seq_len, gpu_tokens
         host_tokens = max_seq_len - gpu_tokens
-        pin = device.type == "cuda"
-
-        def host(shape):
-            t = torch.zeros(shape, dtype=dtype)
-            return t.pin_memory() if pin else t
+        T = self.block_tokens = block_tokens or host_block_tokens(host_tokens)
+        blocks = -(-host_tokens // T)
+        cuda = device.type == "cuda"
         self.k = [torch.zeros(batch, gpu_tokens, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(batch, gpu_tokens, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.host_k = [host((batch, host_tokens, kv_heads, head_dim)) for _ in range(num_layers)]
-        self.host_v = [host((batch, host_tokens, kv_heads, head_dim)) for _ in range(num_layers)]
+        elem = torch.empty(0, dtype=dtype).element_size()
+        self.arena = HostArena(arena_bytes(num_layers, blocks, batch, kv_heads, T, head_dim, elem), pin=cuda)
+        shape = (blocks, batch, kv_heads, T, head_dim)
+        self.host_k = [self.arena.take(shape, dtype) for _ in range(num_layers)]
+        self.host_v = [self.arena.take(shape, dtype) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
         self.host_lengths = [0] * batch
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._written: List[Optional[torch.cuda.Event]] = [None] * num_layers
+        self.write_stream = torch.cuda.Stream(device) if cuda else None
+        self.written = [[0] * batch for _ in range(num_layers)]   # host positions whose writes are enqueued
+        self.stream = HostStream(self.host_k, self.host_v, self.written,
+                                 unit_blocks or stream_unit_blocks(host_tokens), slots, device, self.write_stream)
+        # decode: each step's new host tokens, staged in (pinned) host memory, scattered into the tier at its end
+        self.staged = torch.zeros(num_layers, 2, batch, kv_heads, head_dim, dtype=dtype, pin_memory=cuda)
+        self.query = torch.zeros(batch, 1, 0, head_dim, dtype=dtype)   # sized at the first decode step
+        self._pending: Dict[int, List[Optional[int]]] = {}
+        self._staged_event: Optional[torch.cuda.Event] = None
+        self._writes_pending = False
+        self.timing: Optional[TierTiming] = None
+        self.cpu_threads = cpu_threads()
+        compiled_kernel()  # the CPU decode kernel is built (or loaded) with the cache, not in a decode step
 
     @property
     def gpu_bytes(self) -> int:
@@ -231,17 +108,27 @@ class TieredKVCache:
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.host_k + self.host_v)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
     def reset(self) -> None:
         self.lengths.zero_()
         self.host_lengths = [0] * self.batch
+        for w in self.written:
+            w[:] = [0] * self.batch
+        self.stream.clear()
+        self.stream.timing = False  # a prefill's copies are not decode's
+        self._pending.clear()
 
     def set_lengths(self, lengths: List[int]) -> None:
         self.host_lengths = list(lengths)
         self.lengths.copy_(torch.tensor(lengths))
 
+    # -- writes -----------------------------------------------------------------------------------------------
     def write_block(self, layer: int, b0: int, b1: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys/values ``[b1 - b0, n, H, D]`` at positions [start, start + n): the device part in place, the host
-        part by an asynchronous copy on the copy stream (``host_ready`` orders readers after it)."""
+        part by asynchronous copies on the write stream (streamed reads wait for them on the device)."""
         n, g = k.shape[1], self.gpu_tokens
         cut = max(0, min(n, g - start))
         if cut:
@@ -250,68 +137,99 @@ class TieredKVCache:
         if cut == n:
             return
         h0 = start + cut - g
-        dk, dv = self.host_k[layer][b0:b1, h0:h0 + n - cut], self.host_v[layer][b0:b1, h0:h0 + n - cut]
-        if self.copy_stream is None:
-            dk.copy_(k[:, cut:])
-            dv.copy_(v[:, cut:])
+        if self.write_stream is None:
+            write_positions(self.host_k[layer], b0, h0, k[:, cut:], False)
+            write_positions(self.host_v[layer], b0, h0, v[:, cut:], False)
+        else:
+            self.write_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.write_stream):
+                write_positions(self.host_k[layer], b0, h0, k[:, cut:], True)
+                write_positions(self.host_v[layer], b0, h0, v[:, cut:], True)
+            for t in (k, v):
+                t.record_stream(self.write_stream)
+            self._writes_pending = True
+        for b in range(b0, b1):
+            self.written[layer][b] = max(self.written[layer][b], h0 + n - cut)
+
+    def append_token(self, layer: int, k: torch.Tensor, v: torch.Tensor, split: "DecodeSplit") -> None:
+        """One new token per sequence ``[batch, 1, H, D]`` at position lens[b] - 1: into the device tier in place,
+        or staged for the host tier (scattered there by ``flush`` at the step's end)."""
+        if split.dev_rows is not None:
+            rows, pos = split.dev_rows
+            self.k[layer].index_put_((rows, pos), k[rows, 0])
+            self.v[layer].index_put_((rows, pos), v[rows, 0])
+        if any(p is not None for p in split.newest_host):
+            self.staged[layer, 0].copy_(k[:, 0], non_blocking=True)
+            self.staged[layer, 1].copy_(v[:, 0], non_blocking=True)
+            self._pending[layer] = split.newest_host
+            if self.device.type == "cuda":
+                self._staged_event = torch.cuda.Event()
+                self._staged_event.record()
+
+    def flush(self) -> None:
+        """Make every write readable on the host: prefill's device-to-host copies done, decode's staged tokens
+        scattered into the tier (then they may be streamed or attended on the CPU)."""
+        if self._writes_pending:
+            self.write_stream.synchronize()
+            self._writes_pending = False
+        if not self._pending:
             return
-        src_k, src_v = k[:, cut:].contiguous(), v[:, cut:].contiguous()
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
-            dk.copy_(src_k, non_blocking=True)
-            dv.copy_(src_v, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-        for t in (src_k, src_v):
-            t.record_stream(self.copy_stream)
-        self._written[layer] = ev
+        if self._staged_event is not None:
+            self._staged_event.synchronize()
+        for layer, positions in self._pending.items():
+            scatter_tokens(self.host_k[layer], self.staged[layer, 0], positions)
+            scatter_tokens(self.host_v[layer], self.staged[layer, 1], positions)
+            for b, p in enumerate(positions):
+                if p is not None:
+                    self.written[layer][b] = max(self.written[layer][b], p + 1)
+        self._pending.clear()
 
-    def layer(self, i: int, prefill_host: str) -> "TieredLayerKV":
-        """Layer i as the attention sublayer's KV sink; ``prefill_host``: how a chunk attends the host tier."""
-        return TieredLayerKV(self, i, prefill_host)
+    def stage_query(self, q: torch.Tensor):
+        """``q`` in host memory for the CPU part, and the event its copy completes at (None on CPU)."""
+        if self.device.type != "cuda":
+            return q, None
+        if self.query.shape != q.shape:
+            self.query = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
+        self.query.copy_(q, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return self.query, ev
 
-    def host_ready(self, layer: int) -> None:
-        """Wait (host side) until this layer's host tier holds everything written so far."""
-        ev = self._written[layer]
-        if ev is not None:
-            ev.synchronize()
-            self._written[layer] = None
-
-
-# -- attention over tiers --------------------------------------------------------------------------------------
-def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
-    """Exact softmax mix of two partial results over disjoint keys: o ``[B, S, H, D]``, lse ``[B, H, S]``
-    (natural log, -inf for a row that saw no key in that part). Returns (o, lse); o in float32."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    s = wa + wb
-    o = (o_a.float() * wa.transpose(1, 2)[..., None] + o_b.float() * wb.transpose(1, 2)[..., None]) \
-        / torch.where(s == 0, torch.ones_like(s), s).transpose(1, 2)[..., None]
-    return o, torch.where(s == 0, torch.full_like(s, float("-inf")), m + torch.log(s))
+    def layer(self, i: int, prefill_host: str = "stream") -> "TieredLayerKV":
+        """Layer i as the attention sublayer's KV sink."""
+        return TieredLayerKV(self, i)
 
 
-def part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int):
+# -- prefill ---------------------------------------------------------------------------------------------------
+class Partials:
+    """Partial attention results over disjoint keys, merged into ``out`` (the query's dtype) as they come: one pass
+    per part on GPUs (attention/cudnn_split.merge), with the running log-sum-exp beside it."""
+
+    def __init__(self, q: torch.Tensor, out: Optional[torch.Tensor]) -> None:
+        self.out = out if out is not None else torch.empty_like(q)
+        self.lse: Optional[torch.Tensor] = None
+
+    def add(self, o: torch.Tensor, lse: torch.Tensor, r0: int = 0) -> None:
+        """``o`` ``[B, S - r0, H, D]``, ``lse`` ``[B, H, S - r0]``: the part of query rows r0.."""
+        lse = lse.float().clamp(min=NEG_LSE)
+        if self.lse is None:
+            B, S, H, _ = self.out.shape
+            self.lse = torch.full((B, H, S), NEG_LSE, device=lse.device)
+            if r0 == 0:
+                self.out.copy_(o)
+                self.lse.copy_(lse)
+                return
+            self.out.zero_()
+        dst, dst_lse = self.out[:, r0:], self.lse[:, :, r0:]
+        merge_into(dst, dst, dst_lse, o, lse)
+        dst_lse.copy_(torch.logaddexp(dst_lse, lse))
+
+
+def part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int, backend="auto"):
     """(o, lse) of queries against one part of the keys (positions relative to the part's first key). A part may
     hold no visible key for some sequences (key length 0): their rows give 0 and an lse of -inf."""
-    which = kernel_for("auto", q, k, mask, q_offset, True)
+    which = kernel_for(backend, q, k, mask, q_offset, True)
     return run_kernel(which, q, k, v, mask, q_offset=q_offset, return_lse=True)
-
-
-def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, q_offset: int):
-    """The host tier attended on the CPU (``q`` and the result are CPU tensors): (o float32, lse)."""
-    return tiled_attention(q, k, v, mask, q_offset=q_offset, return_lse=True, block_q=128, block_k=4096)
-
-
-_WORKER: Optional[concurrent.futures.ThreadPoolExecutor] = None
-
-
-def host_worker() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread that attends the host tier while the calling thread drives the device."""
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastattn-host-kv")
-    return _WORKER
 
 
 def _part_mask(causal: bool, window: Optional[int], lengths: Optional[torch.Tensor], k0: int, n: int) -> Mask:
@@ -326,119 +244,234 @@ class TieredLayerKV:
     """One layer of a two-tier cache as a KV sink (kv.py): a prefill tile's keys go to the tier their positions
     fall in, and its queries attend to both tiers and its own keys, merged by LSE."""
 
-    def __init__(self, cache: TieredKVCache, layer: int, prefill_host: str) -> None:
-        self.cache, self.layer, self.mode = cache, layer, prefill_host
+    def __init__(self, cache: TieredKVCache, layer: int) -> None:
+        self.cache, self.layer = cache, layer
 
     def write(self, b0, b1, start, k, v):
         self.cache.write_block(self.layer, b0, b1, start, k, v)
 
     def attend_written(self, q, k, v, b0, b1, start, mask, backend, out=None):
-        o = tiered_chunk_attention(self.cache, self.layer, b0, b1, q, k, v, start, mask.key_lengths, mask.window,
-                                   self.mode).to(q.dtype)
-        return o if out is None else out.copy_(o)
+        return tiered_chunk_attention(self.cache, self.layer, b0, b1, q, k, v, start, mask.key_lengths, mask.window,
+                                      out=out, backend=backend)
 
 
 def tiered_chunk_attention(cache: TieredKVCache, layer: int, b0: int, b1: int, q: torch.Tensor, own_k: torch.Tensor,
                            own_v: torch.Tensor, p0: int, lengths: Optional[torch.Tensor], window: Optional[int],
-                           mode: str, stream_tokens: int = STREAM_BLOCK_TOKENS) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Attention of a prefill chunk ``q`` ``[b1 - b0, C, Hq, D]`` (sequences b0..b1-1) at positions p0.. over every
-    key before and in it: its own keys (causal), the device tier's and the host tier's (streamed or on the CPU),
-    merged by LSE. ``lengths``: the sequences' real lengths (right padding), or None."""
-    C = q.shape[1]
-    g = cache.gpu_tokens
+    key before and in it: the device tier's (its own keys there included), its own keys beyond it, and the host
+    tier's before it (streamed), merged by LSE. ``lengths``: the sequences' real lengths (right padding), or None."""
+    C, g = q.shape[1], cache.gpu_tokens
     dev_k, dev_v = cache.k[layer][b0:b1], cache.v[layer][b0:b1]
-    host_k, host_v = cache.host_k[layer][b0:b1], cache.host_v[layer][b0:b1]
-    o, lse = part_attention(q, own_k, own_v, _part_mask(True, window, lengths, p0, C), 0)
-    dev_end = min(p0, g)
-    if dev_end > 0 and (window is None or p0 - window < dev_end):
-        k0 = 0 if window is None else max(0, p0 - window + 1)
-        m = _part_mask(True, window, lengths, k0, dev_end - k0)
-        o2, lse2 = part_attention(q, dev_k[:, k0:dev_end], dev_v[:, k0:dev_end], m, p0 - k0)
-        o, lse = merge(o, lse, o2, lse2)
-    if p0 <= g:
-        return o
-    h_lo = g if window is None else max(g, p0 - window + 1)
-    if h_lo >= p0:
-        return o
-    cache.host_ready(layer)
-    if mode == "cpu" or q.device.type != "cuda":
-        m = _part_mask(True, window, None if lengths is None else lengths.cpu(), h_lo, p0 - h_lo)
-        fut = host_worker().submit(host_attention, q.cpu(), host_k[:, h_lo - g:p0 - g], host_v[:, h_lo - g:p0 - g],
-                                   m, p0 - h_lo)
-        o2, lse2 = fut.result()
-        return merge(o, lse, o2.to(q.device), lse2.to(q.device))[0]
-    # stream host blocks to the device, the next block copying on the copy stream while this one is attended
-    bufs, cur = [], torch.cuda.current_stream(q.device)
-    blocks = [(s, min(p0, s + stream_tokens)) for s in range(h_lo, p0, stream_tokens)]
-
-    def fetch(s, e):
-        with torch.cuda.stream(cache.copy_stream):
-            kb = host_k[:, s - g:e - g].to(q.device, non_blocking=True)
-            vb = host_v[:, s - g:e - g].to(q.device, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-        return kb, vb, ev
-    bufs.append(fetch(*blocks[0]))
-    for i, (s, e) in enumerate(blocks):
-        if i + 1 < len(blocks):
-            bufs.append(fetch(*blocks[i + 1]))
-        kb, vb, ev = bufs[i]
-        cur.wait_event(ev)
-        for t in (kb, vb):
-            t.record_stream(cur)
-        o2, lse2 = part_attention(q, kb, vb, _part_mask(True, window, lengths, s, e - s), p0 - s)
-        o, lse = merge(o, lse, o2, lse2)
-        bufs[i] = None
-    return o
+    if p0 + C <= g:  # every key on the device: one call, as a one-tier cache
+        m = _part_mask(True, window, lengths, 0, p0 + C)
+        keys, vals = dev_k[:, :p0 + C], dev_v[:, :p0 + C]
+        return run_kernel(kernel_for(backend, q, keys, m, p0, False), q, keys, vals, m, q_offset=p0, out=out)
+    acc = Partials(q, out)
+    k0 = 0 if window is None else max(0, p0 - window + 1)
+    if k0 < g:
+        m = _part_mask(True, window, lengths, k0, g - k0)
+        acc.add(*part_attention(q, dev_k[:, k0:g], dev_v[:, k0:g], m, p0 - k0, backend))
+    r0 = max(p0, g) - p0  # query rows from the device tier's end on see their own keys beyond it
+    m = _part_mask(True, window, lengths, p0 + r0, C - r0)
+    acc.add(*part_attention(q[:, r0:], own_k[:, r0:], own_v[:, r0:], m, 0, backend), r0)
+    lo = (g if window is None else max(g, p0 - window + 1)) - g
+    if lo < p0 - g:
+        _stream_prefix(cache, layer, b0, b1, q, p0, lo, p0 - g, lengths, window, acc, backend)
+    return acc.out
 
 
-def _windowed_decode(cache: TieredKVCache, layer: int, q: torch.Tensor, lens: List[int], window: int) -> torch.Tensor:
-    """Sliding window: sequence b sees keys [n - window, n); each sequence attends its slice of each tier."""
-    g = cache.gpu_tokens
-    cache.host_ready(layer)
-    out = torch.empty_like(q)
+def _stream_prefix(cache: TieredKVCache, layer: int, b0: int, b1: int, q: torch.Tensor, p0: int, lo: int, hi: int,
+                   lengths, window, acc: Partials, backend: str) -> None:
+    """Host positions [lo, hi) of sequences b0..b1-1 streamed unit by unit (each transposed once on the device to
+    the prefill kernels' token-major layout) and attended; then the next layer's same range is prefetched."""
+    T, g, n = cache.block_tokens, cache.gpu_tokens, b1 - b0
+    need = [hi] * n
+
+    def work(kb: torch.Tensor, vb: torch.Tensor, unit: Unit) -> None:
+        j0, j1 = unit[3], unit[4]
+        a, z = max(lo, j0 * T), min(hi, j1 * T)
+        kt = kb.permute(1, 0, 3, 2, 4).reshape(n, (j1 - j0) * T, kb.shape[2], kb.shape[4])[:, a - j0 * T:z - j0 * T]
+        vt = vb.permute(1, 0, 3, 2, 4).reshape(n, (j1 - j0) * T, vb.shape[2], vb.shape[4])[:, a - j0 * T:z - j0 * T]
+        acc.add(*part_attention(q, kt, vt, _part_mask(True, window, lengths, g + a, z - a), p0 - g - a, backend))
+    s = cache.stream
+    s.consume(s.units(layer, b0, b1, lo // T, -(-hi // T)), need, work)
+    if layer + 1 < cache.num_layers:
+        s.prefetch(s.units(layer + 1, b0, b1, lo // T, -(-hi // T)), need)
+
+
+# -- decode ----------------------------------------------------------------------------------------------------
+@dataclass
+class DecodeSplit:
+    """Where each sequence's keys go in one decode step (the same for every layer): device keys [dev_lo, dev_end),
+    the newest token from its registers, host keys streamed (``stream``, block-aligned starts) and on the CPU
+    (``cpu``); positions of the host tier are host-local."""
+
+    lens: List[int]
+    dev_lo: List[int]
+    dev_end: List[int]
+    stream: List[Range]
+    cpu: List[List[Range]]
+    newest_host: List[Optional[int]]
+    share: float = 1.0                                             # the CPU's share it was made for
+    dev_rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # (rows, positions) of new device tokens
+    dev_len: Optional[torch.Tensor] = None                         # dev_end on the device (no window)
+    unit_span: Tuple[int, int] = (0, 0)                            # host blocks [j0, j1) the stream part reads
+    unit_lens: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cpu_fold: Optional[Fold] = None                                # fold_lengths(cpu): the CPU part's calls
+
+    @property
+    def has_cpu(self) -> bool:
+        return any(e > s for rs in self.cpu for s, e in rs)
+
+
+def decode_split(cache: TieredKVCache, lens: Sequence[int], window: Optional[int], cpu_share: float) -> DecodeSplit:
+    """The split of a decode step with ``lens[b]`` keys per sequence (the new one included): of each sequence's host
+    keys (its newest excepted) the older ``1 - cpu_share``, in whole blocks, stream; the rest go to the CPU."""
+    g, T = cache.gpu_tokens, cache.block_tokens
+    lo_all = [max(0, n - window) if window is not None else 0 for n in lens]
+    split = DecodeSplit(list(lens), lo_all, [max(lo, min(n - 1, g)) for n, lo in zip(lens, lo_all)], [], [], [],
+                        cpu_share)
+    for n, lo in zip(lens, lo_all):
+        hs, e = max(lo, g) - g, n - 1 - g
+        split.newest_host.append(e if e >= 0 else None)
+        if e <= hs:
+            split.stream.append((0, 0))
+            split.cpu.append([])
+            continue
+        sa = min(e, -(-hs // T) * T)
+        c = e if cpu_share <= 0 else sa + T * round((1 - cpu_share) * (e - hs) / T)
+        c = max(sa, min(e, c))
+        split.stream.append((sa, c))
+        split.cpu.append([r for r in ((hs, sa), (c, e)) if r[1] > r[0]])
+    _device_tensors(cache, split)
+    return split
+
+
+def _device_tensors(cache: TieredKVCache, split: DecodeSplit) -> None:
+    """The split's lengths and rows as device tensors, made once per step."""
+    dev = cache.device
+    rows = [b for b, p in enumerate(split.newest_host) if p is None]
+    if rows:
+        split.dev_rows = (torch.tensor(rows, device=dev), torch.tensor([split.lens[b] - 1 for b in rows], device=dev))
+    split.dev_len = torch.tensor(split.dev_end, device=dev)
+    split.cpu_fold = fold_lengths(split.cpu, cache.block_tokens)
+    j0, j1, lens, _ = fold_lengths([[r] for r in split.stream], cache.block_tokens)
+    split.unit_span = (j0, j1)
+    if lens is None:
+        return
+    for _, _, _, u0, u1 in cache.stream.units(0, 0, cache.batch, j0, j1):
+        part = lens[u0 - j0:u1 - j0].reshape(-1)
+        split.unit_lens[(u0, u1)] = (part.clamp(min=1).to(dev), (part == 0).to(dev))
+
+
+def stream_units(cache: TieredKVCache, layer: int, split: DecodeSplit) -> List[Unit]:
+    j0, j1 = split.unit_span
+    return cache.stream.units(layer, 0, cache.batch, j0, j1) if j1 > j0 else []
+
+
+def tiered_decode_attention(cache: TieredKVCache, layer: int, q: torch.Tensor, k_new: torch.Tensor,
+                            v_new: torch.Tensor, split: DecodeSplit, backend: str = "auto") -> torch.Tensor:
+    """One new query per sequence ``[B, 1, Hq, D]`` against both tiers and its own key (``k_new``, ``v_new``
+    ``[B, 1, Hkv, D]``): the CPU part submitted first (it runs on the worker while the device works), then the device
+    tier, the newest token and the streamed units on the device, all merged by LSE."""
+    fut = None
+    if split.has_cpu:
+        q_host, ready = cache.stage_query(q)
+        fut = host_worker().submit(_cpu_part, cache, layer, q_host, ready, split)
+    parts = [_timed_device_part(cache, layer, q, split, backend), _newest_part(q, k_new, v_new)]
+    parts += _streamed_parts(cache, layer, q, split, backend)
+    if fut is not None:
+        o_c, lse_c = fut.result()
+        parts.append((o_c.to(q.device, non_blocking=True), lse_c.to(q.device, non_blocking=True)))
+    o = torch.cat([p[0].float().reshape(-1, *q.shape) for p in parts])
+    lse = torch.cat([p[1].float().reshape(-1, q.shape[0], q.shape[2], 1) for p in parts])
+    return merge_stacked(o, lse)[0].to(q.dtype)
+
+
+def _timed_device_part(cache: TieredKVCache, layer: int, q: torch.Tensor, split: DecodeSplit, backend: str):
+    """``_device_part``, timed when the cache times its tiers (CUDA events on GPUs, the clock on CPU)."""
+    timing = cache.timing
+    if timing is None:
+        return _device_part(cache, layer, q, split, backend)
+    if q.device.type != "cuda":
+        t0 = time.perf_counter()
+        res = _device_part(cache, layer, q, split, backend)
+        timing.device_s += time.perf_counter() - t0
+        return res
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    res = _device_part(cache, layer, q, split, backend)
+    end.record()
+    timing.device_events.append((start, end))
+    return res
+
+
+def _device_part(cache: TieredKVCache, layer: int, q: torch.Tensor, split: DecodeSplit, backend: str):
+    """The device tier's keys [dev_lo, dev_end) per sequence (its new token excluded: ``_newest_part`` has it)."""
+    if not any(split.dev_lo):
+        return decode_attention(q, cache.k[layer], cache.v[layer], split.dev_len, backend=backend, return_lse=True)
+    B, _, Hq, D = q.shape
+    o, lse = no_keys(B, Hq, D, q.device)
     full = Mask(False, None, None)
-    for b, n in enumerate(lens):
-        lo = max(0, n - window)
-        parts = []
-        if lo < min(n, g):
-            parts.append(part_attention(q[b:b + 1], cache.k[layer][b:b + 1, lo:min(n, g)],
-                                        cache.v[layer][b:b + 1, lo:min(n, g)], full, 0))
-        if n > g:
-            h0 = max(lo, g) - g
-            kb = cache.host_k[layer][b:b + 1, h0:n - g].to(q.device)
-            vb = cache.host_v[layer][b:b + 1, h0:n - g].to(q.device)
-            parts.append(part_attention(q[b:b + 1], kb, vb, full, 0))
-        o, lse = parts[0]
-        for o2, lse2 in parts[1:]:
-            o, lse = merge(o, lse, o2, lse2)
-        out[b:b + 1] = o.to(q.dtype)
+    for b, (lo, end) in enumerate(zip(split.dev_lo, split.dev_end)):  # a window: per sequence
+        if end > lo:
+            o[b:b + 1], lse[b:b + 1] = part_attention(q[b:b + 1], cache.k[layer][b:b + 1, lo:end],
+                                                      cache.v[layer][b:b + 1, lo:end], full, 0, backend)
+    return o, lse
+
+
+def _newest_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Attention to the one newest key alone: its value, and the scaled score as the log-sum-exp."""
+    G = q.shape[2] // k.shape[2]
+    kq, vq = k.repeat_interleave(G, dim=2).float(), v.repeat_interleave(G, dim=2).float()
+    s = (q.float() * kq).sum(-1) * q.shape[3] ** -0.5        # [B, 1, Hq]
+    return vq, s.transpose(1, 2)
+
+
+def _streamed_parts(cache: TieredKVCache, layer: int, q: torch.Tensor, split: DecodeSplit, backend: str):
+    """The stream part: each unit's blocks of every sequence folded into the split-K kernel's batch; then the next
+    layer's units are prefetched into the slots that free up."""
+    units = stream_units(cache, layer, split)
+    if not units:
+        return []
+    B, _, Hq, D = q.shape
+    out, need = [], [c for _, c in split.stream]
+
+    def work(kb: torch.Tensor, vb: torch.Tensor, unit: Unit) -> None:
+        lens, empty = split.unit_lens[(unit[3], unit[4])]
+        nb = kb.shape[0]
+        o, lse = decode_attention(q.repeat(nb, 1, 1, 1), fold(kb), fold(vb), lens, backend=backend, return_lse=True)
+        out.append((o, lse.masked_fill(empty[:, None, None], float("-inf"))))
+    cache.stream.consume(units, need, work)
+    if layer + 1 < cache.num_layers:
+        cache.stream.prefetch(stream_units(cache, layer + 1, split), need)
     return out
 
 
-def tiered_decode_attention(cache: TieredKVCache, layer: int, q: torch.Tensor, lens: List[int], mode: str,
-                            window: Optional[int], backend: str = "auto") -> torch.Tensor:
-    """One new query per sequence ``[B, 1, Hq, D]`` against both tiers (``lens``: keys per sequence, the new one
-    included): the device tier on the device while the worker attends the host tier on the CPU (or streamed)."""
-    g = cache.gpu_tokens
-    if window is not None:
-        return _windowed_decode(cache, layer, q, lens, window)
-    dev_len = torch.tensor([min(n, g) for n in lens], device=q.device)
-    host_n = max(0, max(lens) - g)
-    fut = None
-    cache.host_ready(layer)  # the new token's keys may have just been copied there
-    if host_n and (mode == "cpu" or q.device.type != "cuda"):
-        kl = torch.tensor([max(0, n - g) for n in lens])
-        fut = host_worker().submit(host_attention, q.cpu(), cache.host_k[layer][:, :host_n],
-                                   cache.host_v[layer][:, :host_n], Mask(False, None, kl), 0)
-    o, lse = decode_attention(q, cache.k[layer], cache.v[layer], dev_len, backend=backend, return_lse=True)
-    if not host_n:
-        return o
-    if fut is not None:
-        o2, lse2 = fut.result()
-        return merge(o, lse, o2.to(q.device), lse2.to(q.device))[0].to(q.dtype)
-    kl = torch.tensor([max(0, n - g) for n in lens], device=q.device)
-    kb = cache.host_k[layer][:, :host_n].to(q.device, non_blocking=True)
-    vb = cache.host_v[layer][:, :host_n].to(q.device, non_blocking=True)
-    o2, lse2 = part_attention(q, kb, vb, Mask(False, None, kl), 0)
-    return merge(o, lse, o2, lse2)[0].to(q.dtype)
+def _cpu_part(cache: TieredKVCache, layer: int, q_host: torch.Tensor, ready, split: DecodeSplit):
+    t0 = time.perf_counter()
+    if ready is not None:
+        ready.synchronize()
+    res = cpu_range_attention(q_host, cache.host_k[layer], cache.host_v[layer], split.cpu, cache.cpu_threads,
+                              split.cpu_fold)
+    if cache.timing is not None:
+        cache.timing.cpu_s += time.perf_counter() - t0
+    return res
+
+
+_WORKER: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def host_worker() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that attends the host tier while the calling thread drives the device."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastattn-host-kv")
+    return _WORKER
+
+
+__all__ = ["TieredKVCache", "TieredLayerKV", "OffloadPlan", "CacheSizing", "DecodeSplit", "TierTiming",
+           "decode_split", "tiered_chunk_attention", "tiered_decode_attention", "part_attention", "host_worker",
+           "log_offload_plan", "kv_bytes_per_token", "measure_rates", "host_memory_bytes", "DEFAULT_PREFILL_CHUNK",
+           "GIB"]

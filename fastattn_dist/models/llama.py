@@ -38,13 +38,28 @@ from .generate import generate
 from .hf_weights import load_checkpoint
 from .inputs import check_ids, check_lengths, check_positive_int
 from .kv_cache import KV_DTYPES, Int8KVCache, KVCache
-from .kv_offload import (DEFAULT_PREFILL_CHUNK, OffloadPlan, TieredKVCache, kv_bytes_per_token, log_offload_plan,
-                         reserve_bytes)
+from .kv_offload import TieredKVCache, log_offload_plan
 from .layers import DecoderLayer, rms_norm
+from .offload_plan import GIB, CacheSizing, OffloadPlan, check_gpu_budget
 from .prefill import SCHEDULES, SublayerChain, attention_step, mlp_step
 
 MAX_PLANS = 64
 DEFAULT_MAX_SEQ_LEN = 4096  # the cache's length unless asked (generate grows it to fit prompt + new tokens)
+
+
+def _elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _check_gpu_budget_gb(value, device: torch.device) -> Optional[float]:
+    """``gpu_budget_gb`` is None or a finite number > 0, on a GPU model."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise ValueError(f"gpu_budget_gb must be a finite number > 0, got {value!r}")
+    if device.type != "cuda":
+        raise ValueError(f"gpu_budget_gb caps a GPU's memory: this model is on {device.type}")
+    return float(value)
 
 
 def model_shape(config: LlamaConfig, world: int, rank: int) -> TPShape:
@@ -73,7 +88,10 @@ class LlamaForCausalLM(nn.Module):
     ``comm``: "nccl" (the process group's all-reduce, gloo on CPU ranks), "copy_engine", or a comm object.
     ``max_seq_len``: the KV cache's length (default: the checkpoint's max_position_embeddings, capped at 4096).
     ``kv_offload``: "off", "auto" or a number of device tokens (kv_offload.py); ``prefill_chunk``: prefill in
-    chunks of this many tokens (default: whole prompts; 8192 with a host tier). ``prefill_schedule``: how a
+    chunks of this many tokens (default: whole prompts, or the plan's chunk where the cache needs one: the cost
+    model's choice with a host tier). ``host_budget_gb``: host memory the cache's host tier may take (default 80%
+    of what is available, shared by the node's ranks); ``gpu_budget_gb``: the device memory this rank may use in
+    all (weights, activations, cache), so a large GPU stands in for a smaller one. ``prefill_schedule``: how a
     tiled prefill's tiles share a GPU (prefill.py): "wavefront" (each tile on its own stream, issued by
     anti-diagonals), "one" (one stream), or "auto" (default: wavefront on GPUs). ``attn_precision``: "bf16"
     (default: no quantization) or "int8" / "fp8" / "int8-fp8", the prefill's attention through the 8-bit kernels
@@ -85,7 +103,8 @@ class LlamaForCausalLM(nn.Module):
                  device: Optional[torch.device] = None, group=None, tiles="auto", max_seq_len: Optional[int] = None,
                  comm: Union[str, CommPath] = "nccl", link: Optional[LinkModel] = None, attn_backend: str = "auto",
                  kv_offload="off", host_budget_gb: Optional[float] = None, prefill_chunk: Optional[int] = None,
-                 prefill_schedule: str = "auto", attn_precision: str = "bf16", kv_dtype: Optional[str] = None) -> None:
+                 prefill_schedule: str = "auto", attn_precision: str = "bf16", kv_dtype: Optional[str] = None,
+                 gpu_budget_gb: Optional[float] = None) -> None:
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -101,6 +120,9 @@ class LlamaForCausalLM(nn.Module):
         self.tiles = check_tiles(tiles)
         self.max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN) if max_seq_len is None else \
             check_positive_int("max_seq_len", max_seq_len)
+        self.gpu_budget_gb = _check_gpu_budget_gb(gpu_budget_gb, device)
+        if gpu_budget_gb is not None:  # before any weight is allocated
+            check_gpu_budget(CacheSizing.of(config, self.shape, _elem_bytes(dtype)), 1, int(gpu_budget_gb * GIB))
         self.comm = make_comm(comm, group, device, link) if isinstance(comm, str) else comm
         self.attn_backend, self.attn_precision, self.kv_dtype = attn_backend, attn_precision, kv_dtype
         check_quantization(attn_precision, kv_dtype, kv_offload)
@@ -287,27 +309,29 @@ class LlamaForCausalLM(nn.Module):
         return c
 
     def kv_bytes_per_token(self) -> int:
-        s = self.shape
-        if self.kv_dtype == "int8":
-            return Int8KVCache.bytes_per_token(len(self.layers), s.local_kv_heads, s.head_dim)
-        return kv_bytes_per_token(s, len(self.layers), self.embed.weight.element_size())
+        return self.kv_sizing().bytes_per_token
 
-    def kv_reserve_bytes(self) -> int:
-        return reserve_bytes(self.shape, len(self.layers), self.embed.weight.element_size(), self.prefill_chunk)
+    def kv_sizing(self) -> CacheSizing:
+        """This rank's sizes that plan a cache (offload_plan.py)."""
+        return CacheSizing.of(self.config, self.shape, self.embed.weight.element_size(), kv_dtype=self.kv_dtype)
+
+    def kv_budgets(self) -> dict:
+        """The budgets as OffloadPlan.decide and longest_context take them (bytes, None: the default)."""
+        return {"host_budget_bytes": None if self.host_budget_gb is None else int(self.host_budget_gb * GIB),
+                "gpu_budget_bytes": None if self.gpu_budget_gb is None else int(self.gpu_budget_gb * GIB)}
 
     def _new_cache(self, batch: int, n: int):
         s = self.shape
-        budget = None if self.host_budget_gb is None else int(self.host_budget_gb * (1 << 30))
-        plan = self.kv_plan = OffloadPlan.decide(self.kv_offload, max_seq_len=n, batch=batch,
-                                                 bytes_per_token=self.kv_bytes_per_token(), device=self.device,
-                                                 host_budget_bytes=budget, reserve_bytes=self.kv_reserve_bytes())
+        plan = self.kv_plan = OffloadPlan.decide(self.kv_offload, max_seq_len=n, batch=batch, sizing=self.kv_sizing(),
+                                                 device=self.device, prefill_chunk=self.prefill_chunk,
+                                                 **self.kv_budgets())
         if not plan.offloaded:
             cls = Int8KVCache if self.kv_dtype == "int8" else KVCache
             return cls(len(self.layers), batch, n, s.local_kv_heads, s.head_dim, self.dtype, self.device)
         if s.rank == 0:
             log_offload_plan(plan)
         return TieredKVCache(len(self.layers), batch, n, plan.gpu_tokens, s.local_kv_heads, s.head_dim, self.dtype,
-                             self.device)
+                             self.device, block_tokens=plan.host_block_tokens, unit_blocks=plan.stream_unit_blocks)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, lengths=None, tiles=None) -> torch.Tensor:
@@ -323,7 +347,7 @@ class LlamaForCausalLM(nn.Module):
         lengths = check_lengths(lengths, B, S, self.device)
         real = lengths if lengths is not None else torch.full((B,), S, device=self.device)
         tiered = isinstance(c, TieredKVCache)
-        chunk = self.prefill_chunk or (DEFAULT_PREFILL_CHUNK if tiered else S)
+        chunk = self.prefill_chunk or (self.kv_plan.prefill_chunk if self.kv_plan is not None else 0) or S
         last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
         for c0 in range(0, S, chunk):  # chunked prefill: activations bounded by the chunk, keys in the cache
             c1 = min(S, c0 + chunk)

@@ -35,8 +35,9 @@ def model_outputs(rank, world, path, prompts, lengths, steps, tile_counts, link)
     return out
 
 
-def offload_outputs(rank, world, path, prompts, lengths, steps, offload, chunk, tiles):
-    """The cache's last-token logits after a (chunked) prefill, then ``steps`` greedy decode steps' logits."""
+def offload_outputs(rank, world, path, prompts, lengths, steps, offload, chunk, tiles, cpu_share=None):
+    """The cache's last-token logits after a (chunked) prefill, then ``steps`` greedy decode steps' logits;
+    ``cpu_share``: the decode split of the host tier between the CPU and the stream (default: the plan's)."""
     from fastattn_dist.models.llama import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, tiles=tiles, kv_offload=offload,
@@ -44,6 +45,8 @@ def offload_outputs(rank, world, path, prompts, lengths, steps, offload, chunk, 
     ids = torch.tensor(prompts)
     B, S = ids.shape
     model.reset_cache(B, S + steps + 1)
+    if cpu_share is not None:
+        model.kv_plan.decode_cpu_share = cpu_share
     logits = [model.prefill(ids, lengths)]
     tok = logits[0].argmax(-1)
     for _ in range(steps):

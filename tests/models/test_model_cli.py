@@ -90,6 +90,43 @@ def test_bench_model_long_context_reports_the_tier_split(tiny):
     assert split["decode_tokens_per_s"] > 0 and split["prefill_tokens_per_s"] > 0
 
 
+def test_bench_model_context_max_fills_the_host_budget(tiny):
+    """``--context max`` on CPU with 16 device tokens: the cache is 16 tokens plus what the host budget holds (whole
+    blocks), computed from the sizes; the run then prefills and decodes it, reporting the bound it was held to."""
+    from fastattn_dist.models.offload_plan import GIB, host_capacity
+
+    budget_gb = 0.002  # about 1000 host tokens
+    r = run_cli("bench-model", "--model", tiny, "--world-size", "1", "--context", "max", "--kv-offload", "16",
+                "--host-budget-gb", str(budget_gb), "--decode-tokens", "3", "--json")
+    (run,) = last_json(r)["runs"]
+    per_token = 2 * 4 * 4 * 16 * 4   # K and V x 4 layers x 4 kv heads x head_dim 16 x fp32
+    want = 16 + host_capacity(int(budget_gb * GIB), per_token)
+    assert run["context_max"]["cache_tokens"] == want == run["context"] + 3
+    assert run["context_max"]["share_of_bound"] > 0.95 and run["gpu_tokens"] == 16
+    assert run["decode_tokens_per_s"] > 0 and run["decode_host"] == "cpu" and run["kv_host_gib"] > 0
+    assert "the longest both tiers hold" in r.stderr and "--context max" in r.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--context", "64", "--kv-offload", "16", "--host-budget-gb", "0.000001"], r"host tier needs .* over the host "
+                                                                               r"budget of 0.0 GiB"),
+    (["--context", "64", "--kv-offload", "16", "--gpu-budget-gb", "20"], "caps a GPU's memory: this run is on CPU"),
+    (["--host-budget-gb", "1"], "go with --context"),
+    (["--context", "lots"], "or 'max'"),
+    (["--context", "max", "--kv-offload", "off"], "needs a GPU"),
+])
+def test_bench_model_budgets_are_checked_before_ranks_start(tiny, args, match):
+    assert_one_line_error("bench-model", tiny, ["--world-size", "1", *args], match)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--prompt-ids", "1,2,3", "--kv-offload", "2", "--host-budget-gb", "0.0000001"], "over the host budget"),
+    (["--prompt-ids", "1,2", "--gpu-budget-gb", "4"], "caps a GPU's memory"),
+])
+def test_generate_budgets_are_checked_before_ranks_start(tiny, args, match):
+    assert_one_line_error("generate", tiny, ["--world-size", "1", *args], match)
+
+
 @pytest.mark.parametrize("args, match", [
     (["--model", "7b", "--world-size", "1"], "needs a GPU"),
     (["--layers", "2"], "--layers"),

@@ -30,18 +30,21 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name,world,gpu_tokens,chunk,tiles", [
-    ("llama_gqa", 1, 13, 8, 3),     # the boundary inside the second chunk, inside a tile and a key block
-    ("llama_gqa", 2, 5, 6, 2),      # TP=2; most of every prompt on the host tier
-    ("llama_gqa", 1, 19, 64, 1),    # the boundary at the longer prompt's end: decode spills to the host
-    ("mistral_window", 1, 9, 5, 2),  # sliding window of 7 across the boundary, prefill and decode
+@pytest.mark.parametrize("name,world,gpu_tokens,chunk,tiles,share", [
+    ("llama_gqa", 1, 13, 8, 3, 0.5),     # the boundary inside the second chunk, inside a tile and a key block
+    ("llama_gqa", 2, 5, 6, 2, 0.37),     # TP=2; most of every prompt on the host tier, split decode
+    ("llama_gqa", 2, 5, 6, 2, 0.0),      # TP=2, the host tier all streamed
+    ("llama_gqa", 1, 19, 64, 1, None),   # the boundary at the longer prompt's end: decode spills to the host
+    ("mistral_window", 1, 9, 5, 2, 0.6),  # sliding window of 7 across the boundary, prefill and decode
 ])
-def test_two_tiers_equal_one(ckpts, name, world, gpu_tokens, chunk, tiles):
+def test_two_tiers_equal_one(ckpts, name, world, gpu_tokens, chunk, tiles, share):
+    """Logits of the chunked prefill and 8 decode steps (the host tier's decode split between the CPU and the
+    stream at ``share``, None: the plan's, all on the CPU here) equal the one-tier cache's."""
     S = max(len(p) for p in PROMPTS)
     padded = [p + [0] * (S - len(p)) for p in PROMPTS]
     lengths = [len(p) for p in PROMPTS]
     one = spawn_ranks(offload_outputs, world, (ckpts[name], padded, lengths, STEPS, "off", None, 1), timeout_s=120)[0]
-    two = spawn_ranks(offload_outputs, world, (ckpts[name], padded, lengths, STEPS, gpu_tokens, chunk, tiles),
+    two = spawn_ranks(offload_outputs, world, (ckpts[name], padded, lengths, STEPS, gpu_tokens, chunk, tiles, share),
                       timeout_s=120)[0]
     assert one["split"] is None and two["split"] == (gpu_tokens, S + STEPS + 1 - gpu_tokens)
     for step in range(STEPS + 1):
@@ -71,9 +74,9 @@ def test_offload_requests_that_cannot_fit_fail_before_allocating():
 
 
 def test_default_host_budget_is_shared_by_the_ranks_of_a_node(monkeypatch):
-    from fastattn_dist.models import kv_offload
+    from fastattn_dist.models import offload_plan
 
-    monkeypatch.setattr(kv_offload, "host_memory_bytes", lambda: 10 << 30)  # 8 GiB budget for the node
+    monkeypatch.setattr(offload_plan, "host_memory_bytes", lambda: 10 << 30)  # 8 GiB budget for the node
     need = dict(max_seq_len=4096, batch=1, bytes_per_token=1 << 20, device=torch.device("cpu"), measure=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert OffloadPlan.decide(1, **need).offloaded  # 4 GiB on the host: fits 8
@@ -83,11 +86,12 @@ def test_default_host_budget_is_shared_by_the_ranks_of_a_node(monkeypatch):
 
 
 def test_rates_are_measured_once_per_device(monkeypatch):
-    from fastattn_dist.models import kv_offload
+    from fastattn_dist.models import offload_plan
 
     calls = []
-    monkeypatch.setattr(kv_offload, "_RATES", {})
-    monkeypatch.setattr(kv_offload, "_measure_rates", lambda device, mb=None: calls.append(device) or (1.0, 2.0))
-    assert kv_offload.measure_rates(torch.device("cpu")) == (1.0, 2.0)
-    assert kv_offload.measure_rates(torch.device("cpu")) == (1.0, 2.0)
+    monkeypatch.setattr(offload_plan, "_RATES", {})
+    rates = offload_plan.HostRates(1.0, 2.0, 0.5, 1.5)
+    monkeypatch.setattr(offload_plan, "_measure_rates", lambda device, mb=None: calls.append(device) or rates)
+    assert offload_plan.measure_rates(torch.device("cpu")) is rates
+    assert offload_plan.measure_rates(torch.device("cpu")) is rates
     assert len(calls) == 1

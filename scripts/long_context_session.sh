@@ -6,7 +6,7 @@
 #   host     host-memory read bandwidth (torch x.sum, THREADS threads) and the CPU decode kernel's GB/s, one run
 #   ctx64k   bench-model 7b-mha at 65536 tokens, kv offload off and 32768: prefill ratio, decode host read rate
 #   max      bench-model 7b-mha --context max (the longest context both tiers hold), prefill + 8 decode tokens
-#   b24_8b   bench-model 8b at 131072 tokens with --gpu-budget-gb 24 (a 24 GB GPU's view)
+#   b24_8b   bench-model 8b at 131064 tokens (its 128K less the 8 decoded) with --gpu-budget-gb 24 (a 24 GB GPU's view)
 #   b24_7b   bench-model 7b-mha at 131072 tokens with --gpu-budget-gb 24
 #   trace    scripts/trace_offload_prefill.py: where a 4-layer slice's offloaded prefill spends its time
 #   tests    tests/gpu/test_offload_gpu.py: the split cache equal to one tier on this GPU
@@ -59,7 +59,7 @@ step host 75 $PY scripts/bench_host_decode.py --threads "$THREADS" --gib 4 --mod
   --out "$OUT/host_decode.json"
 step ctx64k 170 "${BENCH[@]}" --model 7b-mha --context 65536 --kv-offload off 32768 --out "$OUT/ctx64k"
 step max 260 "${BENCH[@]}" --model 7b-mha --context max --kv-offload auto --out "$OUT/max"
-step b24_8b 100 "${BENCH[@]}" --model 8b --context 131072 --kv-offload auto --gpu-budget-gb 24 --out "$OUT/b24_8b"
+step b24_8b 100 "${BENCH[@]}" --model 8b --context 131064 --kv-offload auto --gpu-budget-gb 24 --out "$OUT/b24_8b"
 step b24_7b 130 "${BENCH[@]}" --model 7b-mha --context 131072 --kv-offload auto --gpu-budget-gb 24 \
   --out "$OUT/b24_7b"
 step trace 70 $PY scripts/trace_offload_prefill.py --model 7b-mha --layers 4 --context 65536 --gpu-tokens 32768 \

@@ -474,10 +474,13 @@ def long_context(rank: int, world: int, opts: BenchModelOptions) -> Optional[dic
         model.cache, model.kv_plan, model.kv_offload, model.max_seq_len = None, None, mode, warm_ctx + 3
         model.generate(warm_ids, 2, stop_tokens=[])
     model.cache = None
-    model.host_budget_gb, model.gpu_budget_gb = opts.host_budget_gb, opts.gpu_budget_gb
+    # The default host budget is a share of the memory available *now*: fixed once here, so that --context max is
+    # planned and then decided against the same bytes (the available memory moves between the two).
+    host_gb = opts.host_budget_gb if opts.host_budget_gb is not None else default_host_budget() / GIB
+    model.host_budget_gb, model.gpu_budget_gb = host_gb, opts.gpu_budget_gb
     budgets = model.kv_budgets()
     res = {"model": opts.label, "world": world, "device": str(device), "runs": [], "gpu_budget_gb": opts.gpu_budget_gb,
-           "host_budget_gib": (budgets["host_budget_bytes"] or default_host_budget()) / GIB}
+           "host_budget_gib": host_gb}
     if device.type == "cuda":
         torch.cuda.empty_cache()
         res["device_free_gib"] = device_free_bytes(device, budgets["gpu_budget_bytes"]) / GIB

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastattn_dist.models import offload_plan as op
+from fastattn_dist.models import tiny_checkpoint
 from fastattn_dist.models.config import LlamaConfig
 from fastattn_dist.models.llama import LlamaForCausalLM, model_shape
 from fastattn_dist.models.offload_plan import GIB, CacheSizing, OffloadPlan, longest_context
@@ -14,6 +15,11 @@ from fastattn_dist.parallel.comm import NoComm
 from fastattn_dist.tuning.cost_model import PROFILES
 
 GPU = torch.device("cpu")   # the device the plan is made for; its memory is given as free_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
 
 
 def config(**kw):
@@ -140,3 +146,22 @@ def test_the_decode_split_balances_the_measured_rates():
     # both finish together: CPU bytes / CPU rate == streamed bytes / copy rate
     share = op.HostRates(pcie_gbps=50.0, pcie_both_gbps=30.0, cpu_both_gbps=45.0).cpu_share()
     assert share / 45.0 == pytest.approx((1 - share) / 30.0)
+
+
+def test_context_max_decides_against_the_budget_it_planned_with(tiny, monkeypatch):
+    """The default host budget is a share of the memory available now, and that moves (here it shrinks 10% at every
+    look): ``--context max`` still gets the cache it planned, not a refusal a few blocks over the new budget."""
+    from fastattn_dist.models.bench_model import BenchModelOptions, long_context
+
+    looks = []
+
+    def shrinking():
+        looks.append(1)
+        return int(0.004 * GIB * 0.9 ** len(looks))   # 80% of it: about 1500 host tokens of the tiny model
+
+    monkeypatch.setattr(op, "host_memory_bytes", shrinking)
+    opts = BenchModelOptions(tiny, "tiny", torch.float32, decode_tokens=2, contexts=["max"], kv_offload=[16])
+    (run,) = long_context(0, 1, opts)["runs"]
+    assert "error" not in run, run
+    assert len(looks) >= 1 and run["gpu_tokens"] == 16 and run["decode_tokens_per_s"] > 0
+    assert run["context_max"]["cache_tokens"] == run["context"] + 2 > 16 + 500

@@ -26,9 +26,9 @@ q and ``out``, optional LSE. Per key block:
     P8  = round(127 exp2(s - m_blk)) | fp8(448 exp2(s - m_blk))       (m_blk: the block's row max, or
                                                                        the running one: P_BLOCK_MAX)
     l   = l * alpha + rowsum(P8) * beta                               (beta = exp2(m_blk - m_new))
-    acc = acc * alpha + dot8(P8, v8) * beta                           (a fresh accumulator per block:
-                                                                       Hopper's fp8 MMA accumulates
-                                                                       in reduced precision)
+    acc = acc * alpha + dot8(P8, v8) * beta                           (a fresh accumulator per block;
+                                                                       fp8 P8 and v8 go through an
+                                                                       fp16 MMA, see _qattn_pv)
     out = acc * v_scale / l
 
 ``QK_FP8`` / ``PV_FP8`` (constexpr) pick e4m3 instead of int8 for each product: which is faster on a
@@ -325,7 +325,10 @@ def _qattn_pv(p8, start_n, vt_ptrs, v_desc, v_row0, kv_ok, MASKED: tl.constexpr,
     else:
         v = tl.load(vt_ptrs + start_n)
     if PV_FP8:  # else, not a second return: the code generator would build the int32 dot of fp8 operands too
-        pv = tl.dot(p8, tl.trans(v))
+        # fp16 MMA on the fp8 values (exact: every e4m3 value is an fp16 one). The e4m3 MMA with P as the
+        # register operand gave non-finite and wrong rows, varying run to run, on an H200 with Triton 3.6
+        # (an fp8 dot of loaded operands did not): correctness first, at the fp16 rate
+        pv = tl.dot(p8.to(tl.float16), tl.trans(v).to(tl.float16))
     else:
         pv = _small_int_to_f32(tl.dot(p8, tl.trans(v), out_dtype=tl.int32))  # 127^2 * BLOCK_N < 2^22
     return pv

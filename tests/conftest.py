@@ -11,6 +11,11 @@ import torch
 # Spawned ranks import test modules by name: make this folder importable for them.
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run in the interpreter. @triton.jit decides when a kernel module is imported,
+# so this is set before any test module imports one: which tests run, and in which order, does not matter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Max error relative to the reference's largest magnitude, by the dtype the computation ran in.
 # fp32: float32 rounding over sums of ~1e3 terms; bf16/fp16: one rounding of the inputs and output
 # (8 and 11 bits of mantissa) dominates.

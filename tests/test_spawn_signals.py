@@ -57,6 +57,14 @@ def wait_gone(pids, seconds):
     return [k for k in pids if alive(k)]
 
 
+def as_a_terminals_job():
+    """Ctrl-C at its default, as a terminal's shell starts a foreground job. A background job of a non-interactive
+    shell (``cmd &`` in a script, as some CI runners start the suite) inherits SIGINT ignored, and Python then
+    leaves it ignored: the run would rightly not stop, and the test would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.fixture
 def run_in_session():
     """Start a run as a shell job (its own session and process group) once its two ranks exist,
@@ -65,7 +73,8 @@ def run_in_session():
 
     def start(argv, settle_s, **env):
         p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
+                             text=True, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+                             preexec_fn=as_a_terminals_job)
         started.append(p)
         end = time.monotonic() + 60
         while time.monotonic() < end and p.poll() is None:

@@ -62,7 +62,8 @@ except ImportError:  # pragma: no cover
 
 from ..masks import Mask, MaskLike, resolve_mask
 from . import quantized as qz
-from .triton_fa import _key_range  # the bf16 kernel's key range and stages, shared
+# shared with the bf16 kernel: the key range and stages, the device's index and shared memory, size buckets
+from .triton_fa import _index, _key_range, _max_smem, _pow2_bucket
 from .quantized import LOG2E, QuantizedKV
 
 STATS_CHUNK = 256  # keys per program of pass 1
@@ -527,22 +528,9 @@ def _prune(configs, nargs, **kw):
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def _index(device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @functools.cache
 def _capability_of(idx: int):
     return torch.cuda.get_device_capability(idx)
-
-
-@functools.cache
-def _smem_of(idx: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
-
-
-def _max_smem(device) -> int:
-    return _smem_of(_index(device))
 
 
 _KEY = ["TUNE_Q", "TUNE_K", "TUNE_BH", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KEY_LENGTHS", "RETURN_LSE",
@@ -565,10 +553,6 @@ _ENV_CONFIG = "FASTATTN_INT8_CONFIG"
 
 # Whether the kernels were built for Triton's CPU interpreter (decided when @triton.jit ran: TRITON_INTERPRET=1)
 INTERPRETED = type(_qattn_fwd).__name__ == "InterpretedFunction"
-
-
-def _pow2_bucket(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 MAX_HEAD_DIM = 256  # 127^2 * head_dim must stay below 2^22 (the loop's exact int32 -> fp32)

@@ -45,7 +45,8 @@ def category(name: str) -> str:
 def trace(model, ids, offload, chunk):
     from torch.profiler import ProfilerActivity, profile  # optional: this script only
 
-    model.cache, model.kv_plan, model.kv_offload, model.prefill_chunk = None, None, offload, chunk
+    model.drop_cache()
+    model.kv_plan, model.kv_offload, model.prefill_chunk = None, offload, chunk
     model.reset_cache(1, ids.shape[1] + 1)
     model.prefill(ids)  # untimed: kernels built, plans made
     model.reset_cache(1, ids.shape[1] + 1)  # the same cache, emptied
@@ -65,7 +66,7 @@ def trace(model, ids, offload, chunk):
     res = {"kv_offload": offload, "wall_s": wall, "kernel_span_s": span, "busy_s": busy,
            "device_idle_s": span - length(compute) / 1e6, "plan": plan.describe() if plan else None,
            "prefill_chunk": chunk or (plan.prefill_chunk if plan else None)}
-    model.cache = None
+    model.drop_cache()
     torch.cuda.empty_cache()
     return res
 

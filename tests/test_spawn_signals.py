@@ -57,12 +57,13 @@ def wait_gone(pids, seconds):
     return [k for k in pids if alive(k)]
 
 
-def as_a_terminals_job():
-    """Ctrl-C at its default, as a terminal's shell starts a foreground job. A background job of a non-interactive
-    shell (``cmd &`` in a script, as some CI runners start the suite) inherits SIGINT ignored, and Python then
-    leaves it ignored: the run would rightly not stop, and the test would test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+# Starts the run with Ctrl-C at its default, as a terminal's shell starts a foreground job: a background job of a
+# non-interactive shell (``cmd &`` in a script, as some CI runners start the suite) inherits SIGINT ignored, and
+# Python then leaves it ignored, so the run would rightly not stop and the test would test nothing. A wrapper
+# that resets it and execs the run (same pid), since preexec_fn is unsafe in a parent with threads.
+AS_A_TERMINALS_JOB = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                      "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
 @pytest.fixture
@@ -72,9 +73,9 @@ def run_in_session():
     started = []
 
     def start(argv, settle_s, **env):
-        p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
-                             preexec_fn=as_a_terminals_job)
+        p = subprocess.Popen([sys.executable, "-c", AS_A_TERMINALS_JOB, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
         started.append(p)
         end = time.monotonic() + 60
         while time.monotonic() < end and p.poll() is None:

@@ -27,40 +27,13 @@ import torch
 
 from ..masks import Mask, MaskLike, resolve_mask
 from . import quantized as qz
+from .checks import check_qkv
 from .cudnn_split import split_attention
 from .reference import reference_attention
 from .sdpa import sdpa_attention
 from .select import (BACKENDS, PRECISIONS, QUANTIZED_KERNELS, available, kernel_for, quantized_kernel_for,
                      resolve_backend)
 from .tiled import BlockStats, tiled_attention
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise TypeError/ValueError unless q ``[B, Sq, Hq, D]`` and k, v ``[B, Sk, Hkv, D]`` fit together."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device != k.device or q.device != v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head_dim of q ({q.shape[3]}) and k ({k.shape[3]}) differ")
-    if q.shape[1] < 1 or k.shape[1] < 1 or q.shape[0] < 1 or q.shape[3] < 1:
-        raise ValueError(f"empty input: q {list(q.shape)}, k {list(k.shape)}")
-    if k.shape[2] < 1 or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -60,6 +60,7 @@ from typing import Optional
 import torch
 
 from ..masks import Mask, MaskLike, resolve_mask
+from .checks import check_qkv
 from .reference import reference_attention
 
 LOG2E = 1.4426950408889634
@@ -142,25 +143,7 @@ class QuantizedKV:
 
 def check_inputs(q, k, v, precision: str, q_offset: int = 0) -> None:
     formats(precision)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {list(t.shape)}")
-        if t.dtype not in INPUT_DTYPES:
-            raise ValueError(f"{name}: quantized attention takes fp16, bf16 or fp32 inputs, got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device != k.device or q.device != v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"batch / head_dim of q {list(q.shape)} and k {list(k.shape)} differ")
-    if min(q.shape) < 1 or min(k.shape) < 1:
-        raise ValueError(f"empty input: q {list(q.shape)}, k {list(k.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    check_qkv(q, k, v, dtypes=INPUT_DTYPES, what="quantized attention", type_error=ValueError)
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
 

@@ -18,18 +18,15 @@ from tqdm import tqdm
 
 from ..models.checkpoint import Checkpoint
 from ..models.generate import GenerateStats
-from ..models.llama import LlamaForCausalLM, model_shape
-from ..models.offload_plan import GIB, CacheSizing, check_request
-from ..models.presets import model_config, resolve_model
+from ..models.llama import LlamaForCausalLM
+from ..models.presets import resolve_model
 from ..parallel.link_models import LinkModel
 from ..runner import job_device, run_job
+from .model_options import add_budget_options, check_cache_fits, check_world, offload_arg
 from .options import (add_precision_option, add_rank_options, launch_from_args, parse_dtype, positive_float,
                       positive_int, tiles_arg)
 
 
-def check_world(path: str, world: int) -> None:
-    """The model's shape splits over ``world`` ranks (every rank would raise the same error)."""
-    model_shape(model_config(path), world, 0)
 
 
 @dataclass(frozen=True)
@@ -127,33 +124,12 @@ class TokenStream:
             print(rest[len(self.shown):] if rest.startswith(self.shown) else "", flush=True)
 
 
-def rank_sizing(cfg, dtype: torch.dtype, world: int) -> CacheSizing:
-    """The sizes of rank 0's shard at this world size (weights, KV bytes per token, activations)."""
-    return CacheSizing.of(cfg, model_shape(cfg, world, 0), torch.empty(0, dtype=dtype).element_size())
 
 
-def gib_bytes(gb: Optional[float]) -> Optional[int]:
-    return None if gb is None else int(gb * GIB)
 
 
-def check_cache_fits(cfg, dtype: torch.dtype, world: int, kv_offload, tokens: int, batch: int,
-                     host_budget_gb: Optional[float], gpu_budget_gb: Optional[float]) -> None:
-    """The sizes a request decides before any rank starts: a GPU budget holds a rank's weights, and the cache of
-    ``tokens`` per sequence fits the budgets (offload_plan.check_request); a one-line ValueError naming them."""
-    check_request(kv_offload, tokens, batch, rank_sizing(cfg, dtype, world), gib_bytes(host_budget_gb),
-                  gib_bytes(gpu_budget_gb))
 
 
-def offload_arg(value: str):
-    if value in ("off", "auto"):
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"--kv-offload takes off, auto or a number of tokens >= 1, got {value!r}")
-    return n
 
 
 def _parse_ids(text: str) -> List[int]:
@@ -209,6 +185,9 @@ def cmd_generate(args) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.float32 if launch.device_type() == "cpu" else
                                                          torch.bfloat16)
     kv_offload = offload_arg(args.kv_offload)
+    if args.attn_precision != "bf16" and kv_offload != "off":
+        raise ValueError(f"--attn-precision {args.attn_precision} does not go with a host KV tier yet: use "
+                         "--kv-offload off")
     if kv_offload == "auto" and launch.device_type() != "cuda":
         raise ValueError("--kv-offload auto splits the KV cache between a GPU and host memory: this run is on CPU")
     if args.gpu_budget_gb is not None and launch.device_type() != "cuda":
@@ -239,14 +218,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def add_budget_options(p, scope: str = "") -> None:
-    """--host-budget-gb and --gpu-budget-gb (here and in bench-model's long-context mode, ``scope`` says so)."""
-    p.add_argument("--host-budget-gb", type=positive_float, default=None,
-                   help=scope + "host memory the KV cache's host tier may take (default: 80%% of what is available, "
-                        "shared by the node's ranks)")
-    p.add_argument("--gpu-budget-gb", type=positive_float, default=None,
-                   help=scope + "device memory each rank may use in all (weights, activations, cache), so a large "
-                        "GPU stands in for a smaller one (labelled so in every output)")
 
 
 def add_parser(sub) -> None:

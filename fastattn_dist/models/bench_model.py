@@ -424,7 +424,8 @@ def context_run(model: LlamaForCausalLM, ctx, mode: str, opts: BenchModelOptions
     """One context in one KV offload mode: prefill, then ``decode_tokens`` steps; a row with its error when the
     mode cannot run at that context (refused by the plan before any large allocation, or out of memory)."""
     run, device, steps = {"context": ctx, "kv_offload": mode}, model.device, opts.decode_tokens
-    model.cache, model.kv_plan, model.prefill_chunk = None, None, None
+    model.drop_cache()
+    model.kv_plan, model.prefill_chunk = None, None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model.kv_offload = int(mode) if mode not in ("auto", "off") else mode
@@ -442,7 +443,7 @@ def context_run(model: LlamaForCausalLM, ctx, mode: str, opts: BenchModelOptions
     except (ValueError, torch.OutOfMemoryError) as e:
         run["error"] = f"{type(e).__name__}: {e}"[:400]
         log(f"[bench-model]   does not run: {run['error']}")
-        model.cache = None
+        model.drop_cache()
         return run
     sync(device)
     plan, c = model.kv_plan, model.cache
@@ -456,7 +457,7 @@ def context_run(model: LlamaForCausalLM, ctx, mode: str, opts: BenchModelOptions
     run.update(tier_shares(model, timing if plan.offloaded else None, st.decode_s, ctx, st.decode_steps))
     log(f"[bench-model]   prefill {run['prefill_tokens_per_s']:.0f} tokens/s, decode "
         f"{run['decode_tokens_per_s']:.2f} tokens/s; {run['kv_plan']}")
-    model.cache = None
+    model.drop_cache()
     return run
 
 
@@ -471,9 +472,10 @@ def long_context(rank: int, world: int, opts: BenchModelOptions) -> Optional[dic
     warm_ctx = min(numeric + [512])
     warm_ids = random_ids(model.config.vocab_size, 1, warm_ctx, 1, device)
     for mode in dict.fromkeys("off" if m == "off" else max(1, warm_ctx // 2) for m in opts.kv_offload):
-        model.cache, model.kv_plan, model.kv_offload, model.max_seq_len = None, None, mode, warm_ctx + 3
+        model.drop_cache()
+        model.kv_plan, model.kv_offload, model.max_seq_len = None, mode, warm_ctx + 3
         model.generate(warm_ids, 2, stop_tokens=[])
-    model.cache = None
+    model.drop_cache()
     # The default host budget is a share of the memory available *now*: fixed once here, so that --context max is
     # planned and then decided against the same bytes (the available memory moves between the two).
     host_gb = opts.host_budget_gb if opts.host_budget_gb is not None else default_host_budget() / GIB

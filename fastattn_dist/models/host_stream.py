@@ -51,8 +51,10 @@ class HostStream:
         return [(layer, b0, b1, max(j0, u), min(j1, u + U)) for u in range(j0 // U * U, j1, U)]
 
     def clear(self) -> None:
-        """Forget what the slots hold (the host tier is being rewritten: a new prefill)."""
+        """Forget what the slots hold (the host tier is being rewritten: a new prefill), and the copies timed."""
         self.held.clear()
+        self.copy_events.clear()
+        self.copy_seconds = 0.0
 
     def _valid(self, unit: Unit, need_end: Sequence[int]) -> bool:
         """Every position the unit must deliver (up to ``need_end`` per sequence) is written."""

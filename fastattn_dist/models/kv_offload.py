@@ -121,6 +121,13 @@ class TieredKVCache:
         self.stream.timing = False  # a prefill's copies are not decode's
         self._pending.clear()
 
+    def close(self) -> None:
+        """Wait for the write and fetch streams' copies: the device slots and pinned host blocks they read and write
+        must not be given back (and reused) under a copy still running."""
+        for stream in (self.write_stream, self.stream.fetch_stream):
+            if stream is not None:
+                stream.synchronize()
+
     def set_lengths(self, lengths: List[int]) -> None:
         self.host_lengths = list(lengths)
         self.lengths.copy_(torch.tensor(lengths))

@@ -133,7 +133,6 @@ class LlamaForCausalLM(nn.Module):
                                                  device, attn_precision) for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size, **kw), requires_grad=False)
         self.lm_head = VocabParallelLMHead(self.shape, self.embed.weight if config.tie_word_embeddings else None, **kw)
-        OffloadPlan.check_mode(kv_offload, device)
         if prefill_chunk is not None:
             check_positive_int("prefill_chunk", prefill_chunk)
         self.kv_offload, self.host_budget_gb, self.prefill_chunk = kv_offload, host_budget_gb, prefill_chunk
@@ -293,6 +292,17 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     # -- the KV cache, prefill into it, decode ---------------------------------------------------------------
+    @property
+    def kv_offload(self):
+        return self._kv_offload
+
+    @kv_offload.setter
+    def kv_offload(self, mode) -> None:
+        """Checked whenever set (8-bit attention and the int8 cache take no host tier yet; "auto" needs a GPU)."""
+        check_quantization(self.attn_precision, self.kv_dtype, mode)
+        OffloadPlan.check_mode(mode, self.device)
+        self._kv_offload = mode
+
     def reset_cache(self, batch: int, max_seq_len: Optional[int] = None):
         """A KV cache for ``batch`` sequences (reused when the size fits), and the decode strategy for it."""
         n = max_seq_len or self.max_seq_len
@@ -301,12 +311,17 @@ class LlamaForCausalLM(nn.Module):
                              f"({self.config.max_position_embeddings})")
         c = self.cache
         if c is None or c.batch != batch or c.max_seq_len < n:
-            self.cache = None  # free the old one first
-            c = self.cache = self._new_cache(batch, n)
+            self.drop_cache()  # free the old one first
+            c = self.cache = _new_cache(self, batch, n)
             self.rotary.reserve(c.max_seq_len, self.device)
             self._decode = decode_strategy(self)
         c.reset()
         return c
+
+    def drop_cache(self) -> None:
+        """Give the cache's memory back, once its copies (a host tier's streams) have finished with it."""
+        getattr(self.cache, "close", lambda: None)()
+        self.cache = None
 
     def kv_bytes_per_token(self) -> int:
         return self.kv_sizing().bytes_per_token
@@ -319,19 +334,6 @@ class LlamaForCausalLM(nn.Module):
         """The budgets as OffloadPlan.decide and longest_context take them (bytes, None: the default)."""
         return {"host_budget_bytes": None if self.host_budget_gb is None else int(self.host_budget_gb * GIB),
                 "gpu_budget_bytes": None if self.gpu_budget_gb is None else int(self.gpu_budget_gb * GIB)}
-
-    def _new_cache(self, batch: int, n: int):
-        s = self.shape
-        plan = self.kv_plan = OffloadPlan.decide(self.kv_offload, max_seq_len=n, batch=batch, sizing=self.kv_sizing(),
-                                                 device=self.device, prefill_chunk=self.prefill_chunk,
-                                                 **self.kv_budgets())
-        if not plan.offloaded:
-            cls = Int8KVCache if self.kv_dtype == "int8" else KVCache
-            return cls(len(self.layers), batch, n, s.local_kv_heads, s.head_dim, self.dtype, self.device)
-        if s.rank == 0:
-            log_offload_plan(plan)
-        return TieredKVCache(len(self.layers), batch, n, plan.gpu_tokens, s.local_kv_heads, s.head_dim, self.dtype,
-                             self.device, block_tokens=plan.host_block_tokens, unit_blocks=plan.stream_unit_blocks)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, lengths=None, tiles=None) -> torch.Tensor:
@@ -378,3 +380,18 @@ class LlamaForCausalLM(nn.Module):
                  **kwargs) -> List[List[int]]:
         """New token ids per prompt (prompt excluded); see ``models.generate.generate``."""
         return generate(self, prompts, max_new_tokens, **kwargs)
+
+
+def _new_cache(model: "LlamaForCausalLM", batch: int, n: int):
+    """The cache the plan decides for ``batch`` sequences of ``n`` positions: one tier (16-bit or int8), or two."""
+    s = model.shape
+    plan = model.kv_plan = OffloadPlan.decide(model.kv_offload, max_seq_len=n, batch=batch, sizing=model.kv_sizing(),
+                                             device=model.device, prefill_chunk=model.prefill_chunk,
+                                             **model.kv_budgets())
+    if not plan.offloaded:
+        cls = Int8KVCache if model.kv_dtype == "int8" else KVCache
+        return cls(len(model.layers), batch, n, s.local_kv_heads, s.head_dim, model.dtype, model.device)
+    if s.rank == 0:
+        log_offload_plan(plan)
+    return TieredKVCache(len(model.layers), batch, n, plan.gpu_tokens, s.local_kv_heads, s.head_dim, model.dtype,
+                         model.device, block_tokens=plan.host_block_tokens, unit_blocks=plan.stream_unit_blocks)

@@ -25,6 +25,7 @@ from ..attention.host_decode import compiled_kernel, host_decode_attention
 from ..attention.int8_kv import Int8KV
 from ..parallel.process_group import local_ranks
 from ..tuning.cost_model import DeviceProfile, profile_for
+from .host_tier import HostArena
 
 GIB = 1 << 30
 DEFAULT_PREFILL_CHUNK = 8192   # prefill chunk with a host tier where no cost model applies (CPU-only runs)
@@ -133,9 +134,10 @@ def host_memory_bytes() -> int:
     return 0
 
 
-def default_host_budget() -> int:
-    """80% of the host memory available now, shared by the ranks of this node."""
-    return int(0.8 * host_memory_bytes()) // local_ranks()
+def default_host_budget(ranks_here: Optional[int] = None) -> int:
+    """80% of the host memory available now, shared by the ranks of this node (``ranks_here``, default: as the
+    launcher says)."""
+    return int(0.8 * host_memory_bytes()) // (ranks_here or local_ranks())
 
 
 def device_free_bytes(device: torch.device, gpu_budget_bytes: Optional[int] = None) -> Optional[int]:
@@ -253,7 +255,10 @@ def _measure_rates(device: torch.device, mb: Optional[int] = None) -> HostRates:
     cpu = _rate(probe, probe_bytes)
     if device.type != "cuda":
         return HostRates(0.0, cpu, 0.0, cpu, threads)
-    src = torch.empty(4 * mb << 20, dtype=torch.uint8).pin_memory()
+    # pinned by registering a buffer of our own, unregistered when it goes: torch's pinned allocator would keep
+    # the block cached for the life of the process
+    arena = HostArena(4 * mb << 20, pin=True)
+    src = arena.take((4 * mb << 20,), torch.uint8)
     dst = torch.empty_like(src, device=device)
     side = torch.cuda.Stream(device)
     pcie = _copy_rate(src[:mb << 20], dst[:mb << 20], side)
@@ -270,7 +275,7 @@ def _measure_rates(device: torch.device, mb: Optional[int] = None) -> HostRates:
     cpu_both = done / (time.perf_counter() - t0) / 1e9
     end.synchronize()
     pcie_both = src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
-    del src, dst
+    del src, dst, arena
     return HostRates(pcie, cpu, pcie_both, cpu_both, threads)
 
 

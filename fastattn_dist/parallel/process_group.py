@@ -60,11 +60,11 @@ def env_int(*names: str) -> Optional[int]:
     return None
 
 
-def local_ranks() -> int:
+def local_ranks(default: int = 1) -> int:
     """Ranks of this job on this node, as the launcher says (torchrun, Open MPI, MPICH, Slurm; our own spawn
-    sets LOCAL_WORLD_SIZE); 1 when none does."""
+    sets LOCAL_WORLD_SIZE); ``default`` when none does (a parent about to spawn its ranks knows how many)."""
     return max(1, env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
-                          "SLURM_NTASKS_PER_NODE") or 1)
+                          "SLURM_NTASKS_PER_NODE") or default)
 
 
 def detect_launcher() -> str:

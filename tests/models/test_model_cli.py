@@ -114,6 +114,7 @@ def test_bench_model_context_max_fills_the_host_budget(tiny):
     (["--host-budget-gb", "1"], "go with --context"),
     (["--context", "lots"], "or 'max'"),
     (["--context", "max", "--kv-offload", "off"], "needs a GPU"),
+    (["--context", "64", "--kv-offload", "16", "--attn-precision", "int8"], "does not go with a host KV tier"),
 ])
 def test_bench_model_budgets_are_checked_before_ranks_start(tiny, args, match):
     assert_one_line_error("bench-model", tiny, ["--world-size", "1", *args], match)
@@ -122,6 +123,7 @@ def test_bench_model_budgets_are_checked_before_ranks_start(tiny, args, match):
 @pytest.mark.parametrize("args, match", [
     (["--prompt-ids", "1,2,3", "--kv-offload", "2", "--host-budget-gb", "0.0000001"], "over the host budget"),
     (["--prompt-ids", "1,2", "--gpu-budget-gb", "4"], "caps a GPU's memory"),
+    (["--prompt-ids", "1,2", "--kv-offload", "2", "--attn-precision", "int8"], "does not go with a host KV tier"),
 ])
 def test_generate_budgets_are_checked_before_ranks_start(tiny, args, match):
     assert_one_line_error("generate", tiny, ["--world-size", "1", *args], match)

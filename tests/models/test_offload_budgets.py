@@ -163,5 +163,36 @@ def test_context_max_decides_against_the_budget_it_planned_with(tiny, monkeypatc
     opts = BenchModelOptions(tiny, "tiny", torch.float32, decode_tokens=2, contexts=["max"], kv_offload=[16])
     (run,) = long_context(0, 1, opts)["runs"]
     assert "error" not in run, run
-    assert len(looks) >= 1 and run["gpu_tokens"] == 16 and run["decode_tokens_per_s"] > 0
+    assert run["gpu_tokens"] == 16 and run["decode_tokens_per_s"] > 0
     assert run["context_max"]["cache_tokens"] == run["context"] + 2 > 16 + 500
+
+
+def test_the_default_host_budget_is_checked_as_each_spawned_rank_will_see_it(monkeypatch):
+    """Before a spawn no launcher says how many ranks share the node: the check divides the default budget by the
+    world size, as each rank will (so a cache only one rank's budget holds fails here, in one line, not on the
+    ranks)."""
+    from fastattn_dist.cli.model_options import check_cache_fits
+
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = config()
+    per_rank_token = CacheSizing.of(cfg, model_shape(cfg, 2, 0), 4).bytes_per_token
+    host_tokens = 1000
+    # 80% of the memory holds 1.5x the host tier of a rank at world size 2: enough for one rank, not for two
+    monkeypatch.setattr(op, "host_memory_bytes", lambda: int(1.5 * op.padded_host_tokens(host_tokens)
+                                                             * per_rank_token / 0.8))
+    args = (cfg, torch.float32, 2, 16, 16 + host_tokens, 1, None, None)
+    with pytest.raises(ValueError, match="over the host budget"):
+        check_cache_fits(*args)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # a launcher that says one rank per node: the whole budget
+    check_cache_fits(*args)
+
+
+def test_a_host_tier_refuses_8bit_attention_whenever_it_is_set(tiny):
+    """kv_offload is checked when it is set after construction too (the long-context benchmark sets it per run):
+    a host tier does not take 8-bit attention yet, and must not silently run bf16 under an int8 label."""
+    m = LlamaForCausalLM.from_pretrained(tiny, attn_precision="int8")
+    with pytest.raises(ValueError, match="host tier"):
+        m.kv_offload = 16
+    assert m.kv_offload == "off"
+    m.kv_offload = "off"

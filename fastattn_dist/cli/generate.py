@@ -27,8 +27,6 @@ from .options import (add_precision_option, add_rank_options, launch_from_args, 
                       positive_int, tiles_arg)
 
 
-
-
 @dataclass(frozen=True)
 class GenerateOptions:
     """What every rank of ``generate`` runs."""
@@ -124,14 +122,6 @@ class TokenStream:
             print(rest[len(self.shown):] if rest.startswith(self.shown) else "", flush=True)
 
 
-
-
-
-
-
-
-
-
 def _parse_ids(text: str) -> List[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -216,8 +206,6 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps(res))
     return 0
-
-
 
 
 def add_parser(sub) -> None:

@@ -568,6 +568,9 @@ def longest_context(mode, *, batch: int, sizing: CacheSizing, device: torch.devi
         if c == chunk:
             break
         chunk = c
+    else:  # not settled: the last chunk with its own device tokens, so that decide() with it accepts the context
+        g = min(mode, limit) if mode != "auto" else _device_fit(sizing, batch, free, chunk) if free else 0
+        n = min(g + host, limit)
     if mode == "auto" and n <= one[0]:
         n, chunk, g = one[0], one[1], one[0]
     act = sizing.activation_bytes(batch * chunk)

@@ -196,3 +196,25 @@ def test_a_host_tier_refuses_8bit_attention_whenever_it_is_set(tiny):
         m.kv_offload = 16
     assert m.kv_offload == "off"
     m.kv_offload = "off"
+
+
+def test_context_max_when_the_chunk_never_settles(hopper, monkeypatch):
+    """If the chunk and the context keep moving each other, the capacity is computed again for the last chunk:
+    decide() with that chunk accepts exactly that context (it refused a few blocks over)."""
+    _, sizing = h200_sizing("7b-mha")
+    free, host = int(125.8 * GIB), int(98.7 * GIB)
+    real, calls = op._split, []
+
+    def restless(mode, sizing, batch, n, free, prefill_chunk, rates, device):
+        if prefill_chunk is not None:
+            return real(mode, sizing, batch, n, free, prefill_chunk, rates, device)
+        calls.append(n)
+        return (16384 if len(calls) % 2 else 4096), 0, "alternating"
+    monkeypatch.setattr(op, "_split", restless)
+    cap = longest_context("auto", batch=1, sizing=sizing, device=GPU, free_bytes=free, host_budget_bytes=host,
+                          pcie_gbps=54.0)
+    assert len(calls) == 4  # it never settled
+    kw = dict(batch=1, sizing=sizing, device=GPU, free_bytes=free, host_budget_bytes=host, measure=False)
+    OffloadPlan.decide("auto", max_seq_len=cap.tokens, prefill_chunk=cap.prefill_chunk, **kw)
+    with pytest.raises(ValueError, match="host budget"):
+        OffloadPlan.decide("auto", max_seq_len=cap.tokens + 1, prefill_chunk=cap.prefill_chunk, **kw)

@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .select import host_decode_kernel_for
+
 log = logging.getLogger("fastattn_dist")
 
 LAYOUTS = ("bthd", "bhtd")
@@ -701,16 +703,12 @@ def host_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     D = q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     threads = threads or torch.get_num_threads()
-    if impl != "torch":
-        mod = compiled_kernel()
-        why = _modules[None] if mod is None else None
-        if mod is not None and (D % mod.head_dim_multiple() or k.stride(3) != 1 or v.stride(3) != 1):
-            why = f"head_dim {D} is not a multiple of {mod.head_dim_multiple()} or D is not the innermost dimension"
-            mod = None
-        if mod is not None:
-            return _compiled_decode(mod, q, k, v, lengths, layout, scale, threads)
-        if impl == "compiled":
-            raise RuntimeError(f"the compiled host decode kernel cannot run this call: {why}")
+    mod = compiled_kernel() if impl != "torch" else None
+    which, why = host_decode_kernel_for(impl, mod, _modules.get(None), q, k, v)
+    if which == "compiled":
+        return _compiled_decode(mod, q, k, v, lengths, layout, scale, threads)
+    if impl == "compiled":
+        raise RuntimeError(f"the compiled host decode kernel cannot run this call: {why}")
     if threads == torch.get_num_threads():
         return _torch_decode(q, k, v, lengths, layout, scale)
     with _threads_lock:

@@ -172,3 +172,20 @@ def decode_kernel_for(backend: str, q: torch.Tensor, window: Optional[int]) -> s
     if resolve_backend(backend, q.device) not in ("torch", "reference") and split_decode_runs(q):
         return "split"
     return "lengths"
+
+
+def host_decode_kernel_for(impl: str, kernel, unavailable: Optional[str], q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor) -> tuple:
+    """How a decode call over host memory (host_decode.py) runs: ("compiled", None), or ("torch", why not compiled).
+    ``kernel``: the compiled module, or None with the reason it is ``unavailable``; ``impl`` as host_decode takes it
+    ("torch" forces torch; the caller raises on "compiled" with a reason)."""
+    if impl == "torch":
+        return "torch", "impl='torch'"
+    if kernel is None:
+        return "torch", unavailable
+    D = q.shape[3]
+    if D % kernel.head_dim_multiple() or k.stride(3) != 1 or v.stride(3) != 1:
+        return "torch", (f"head_dim {D} is not a multiple of {kernel.head_dim_multiple()} or D is not the innermost "
+                         "dimension")
+    return "compiled", None
+

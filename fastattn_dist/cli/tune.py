@@ -160,12 +160,7 @@ def cmd_tune(args) -> int:
     opts = TuneOptions(grid, args.emulate_tp, args.dtype, args.kv_heads, args.max_tiles, args.repeats, args.warmup)
     path = args.out or profile_path()
     check_profile_writable(path)
-    entries = run_job(tune_rank, launch, (opts,), label="tune")
-    if entries is None:
-        return 0
-    store(path, entries)
-    print(f"fastattn-dist tune: {len(entries)} shapes written to {path}")
-    return 0
+    return _run_and_store(tune_rank, launch, opts, path, "shapes")
 
 
 def _tune_model(args, launch) -> int:
@@ -179,9 +174,14 @@ def _tune_model(args, launch) -> int:
                                       if args.emulate_tp and args.emulate_tp > 1 else None),
                              rows=[(b, s) for b in args.batch for s in args.seq],
                              tile_counts=list(range(1, args.max_tiles + 1)))
-    entries = run_job(tune_model, launch, (opts,), label="tune")
+    return _run_and_store(tune_model, launch, opts, path_out, "model prompt shapes")
+
+
+def _run_and_store(job, launch, opts, path: str, what: str) -> int:
+    """Run the measuring job on every rank; rank 0 stores what it measured in the profile at ``path``."""
+    entries = run_job(job, launch, (opts,), label="tune")
     if entries is None:
         return 0
-    store(path_out, entries)
-    print(f"fastattn-dist tune: {len(entries)} model prompt shapes written to {path_out}")
+    store(path, entries)
+    print(f"fastattn-dist tune: {len(entries)} {what} written to {path}")
     return 0

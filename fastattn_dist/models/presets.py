@@ -3,6 +3,8 @@
   7b      Mistral-7B's shape (32 layers, hidden 4096, 32 heads / 8 kv heads, intermediate 14336, vocab 32000)
   7b-mha  Llama-2-7B's shape (multi-head: 32 kv heads, 512 KiB of KV per token), context 1M (long-context runs)
   8b      Llama-3-8B (hidden 4096, 32 layers, 32 heads / 8 kv heads, intermediate 14336, vocab 128256, theta 5e5)
+  8b-262k Llama-3-8B's shape with 262144 positions (Gradient's Llama-3-8B-Instruct-262k: rope theta 283461213),
+          a GQA shape for 256K-token runs
   70b     Llama-3-70B (hidden 8192, 80 layers, 64 heads / 8 kv heads, intermediate 28672, vocab 128256, theta 5e5)
   tiny    a small random Llama checkpoint with a tokenizer, written once locally (tiny.py)
 """
@@ -24,6 +26,9 @@ SHAPES = {
     "7b-mha": ("LlamaForCausalLM", "llama", dict(_7B, intermediate_size=11008, num_key_value_heads=32,
                                                  max_position_embeddings=1 << 20)),
     "8b": ("LlamaForCausalLM", "llama", dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32)),
+    "8b-262k": ("LlamaForCausalLM", "llama", dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32,
+                                                  num_attention_heads=32, rope_theta=283461213.0,
+                                                  max_position_embeddings=262144)),
     "70b": ("LlamaForCausalLM", "llama", dict(_LLAMA3, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                                               intermediate_size=28672)),
 }

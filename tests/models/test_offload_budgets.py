@@ -52,7 +52,7 @@ def hopper(monkeypatch):
     monkeypatch.setattr(op, "profile_for", lambda device: PROFILES["hopper"])
 
 
-@pytest.mark.parametrize("name", ["7b-mha", "8b"])
+@pytest.mark.parametrize("name", ["7b-mha", "8b", "8b-262k"])
 @pytest.mark.parametrize("mode", ["auto", 32768])
 def test_context_max_is_exactly_what_decide_accepts(hopper, name, mode):
     """The issue's machine: an H200 with 125.8 GiB free after the weights, a 98.7 GiB host budget."""

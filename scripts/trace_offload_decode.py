@@ -13,7 +13,6 @@ the step's start (a synchronize, then an event), within tens of microseconds.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fastattn_dist.models import host_stream, kv_offload  # noqa: E402
 from fastattn_dist.models.bench_model import BenchModelOptions, build_model, random_ids  # noqa: E402
 from fastattn_dist.models.presets import resolve_model  # noqa: E402
+from trace_offload_prefill import slice_arguments  # noqa: E402  (this folder is on the path of a script)
 
 
 class Timeline:
@@ -171,7 +171,8 @@ def run_variant(model, steps: int, threads: int, share, log) -> dict:
     TL.on = False
     rows = TL.rows()
     plan.decode_cpu_share = share0
-    host_bytes = c.host_bytes * (sum(c.host_lengths) / (c.batch * (c.max_seq_len - c.gpu_tokens)))
+    host_keys = sum(max(0, n - c.gpu_tokens) for n in c.host_lengths)   # host_lengths: each sequence's whole length
+    host_bytes = host_keys * model.kv_bytes_per_token()
     res = {"threads": threads, "cpu_share": share if share is not None else share0, "step_ms": step_s * 1e3,
            "traced_step_ms": traced_s * 1e3, "tokens_per_s": 1 / step_s,
            "host_read_gbps": host_bytes / step_s / 1e9, "per_layer_ms": per_layer(rows, model.config.num_hidden_layers),
@@ -182,15 +183,10 @@ def run_variant(model, steps: int, threads: int, share, log) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="7b-mha")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--context", type=int, default=65536)
-    p.add_argument("--gpu-tokens", type=int, default=32768)
+    p = slice_arguments(__doc__, layers=8)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     p.add_argument("--shares", type=float, nargs="*", default=[], help="CPU shares to try beside the plan's")
-    p.add_argument("--out", required=True)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

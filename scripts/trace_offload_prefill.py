@@ -71,14 +71,20 @@ def trace(model, ids, offload, chunk):
     return res
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="7b-mha")
-    p.add_argument("--layers", type=int, default=4)
+def slice_arguments(doc: str, layers: int) -> argparse.ArgumentParser:
+    """The options of both offload traces: a slice of a model shape, the context, its device tokens, --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--model", default="7b-mha", help="a preset shape (random weights)")
+    p.add_argument("--layers", type=int, default=layers, help="the slice's layers")
     p.add_argument("--context", type=int, default=65536)
-    p.add_argument("--gpu-tokens", type=int, default=32768)
+    p.add_argument("--gpu-tokens", type=int, default=32768, help="the cache's tokens on the device")
+    p.add_argument("--out", required=True, help="folder for the JSON")
+    return p
+
+
+def main() -> None:
+    p = slice_arguments(__doc__, layers=4)
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk of both runs (default: the plan's)")
-    p.add_argument("--out", required=True)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda")

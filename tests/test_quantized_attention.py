@@ -18,9 +18,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow  # noqa: E402
+from fastattn_dist import Causal, KeyPadding  # noqa: E402
 from fastattn_dist.attention import quantized as qz  # noqa: E402
 from fastattn_dist.reference_block import attention64  # noqa: E402
+from mask_cases import make_mask  # noqa: E402
 
 try:
     # imported earlier without the interpreter: rebuild (triton_int8 calls triton_fa's key-range helper)
@@ -74,16 +75,6 @@ def rel(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def make_mask(name, B, total):
-    return {
-        "none": lambda: NoMask(),
-        "causal": lambda: Causal(),
-        "window": lambda: SlidingWindow(9),
-        "pad_causal": lambda: KeyPadding([max(1, total // 2), total][:B] + [total] * (B - 2)),
-        "pad_full": lambda: KeyPadding([total, max(1, total - 5)][:B] + [total] * (B - 2), causal=False),
-    }[name]()
-
-
 # ------------------------------------------------------------------------------------------------
 # numerics of the torch model (what the kernel computes)
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +117,7 @@ def test_error_and_lse_bounded(precision, mname):
     """Every precision within its stated error, every mask; LSE (with the smoothing term put back) too."""
     B, Sq, Sk, off = 2, 37, 113, 76
     q, k, v = make_qkv(B, Sq, Sk, 4, 2, 64, seed=11, outliers=True)
-    mask = make_mask(mname, B, Sk)
+    mask = make_mask(mname, B, Sk, window=9)
     ref, ref_lse = attention64(q, k, v, mask, q_offset=off, return_lse=True)
     out, lse = qz.quantized_attention_torch(q, k, v, mask, q_offset=off, precision=precision, return_lse=True)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == ref_lse.shape and lse.dtype == torch.float32
@@ -268,7 +259,7 @@ CASES = [
 def test_kernel_matches_torch_model(case):
     B, Sq, Sk, Hq, Hkv, D, mname, off, precision = case
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, seed=sum(case[:6]), outliers=True)
-    mask = make_mask(mname, B, Sk)
+    mask = make_mask(mname, B, Sk, window=9)
     out, lse = triton_int8.triton_quantized_attention(q, k, v, mask, q_offset=off, precision=precision,
                                                       return_lse=True)
     want, want_lse = qz.quantized_attention_torch(q, k, v, mask, q_offset=off, precision=precision,
@@ -284,7 +275,7 @@ def test_kernel_running_max_p(precision):
     """p_max="running" (INT-FlashAttention as published) in the kernel and the model alike."""
     B, Sq, Sk, off = 2, 37, 113, 76
     q, k, v = make_qkv(B, Sq, Sk, 4, 2, 64, seed=47, outliers=True)
-    mask = make_mask("pad_causal", B, Sk)
+    mask = make_mask("pad_causal", B, Sk, window=9)
     out, lse = triton_int8.triton_quantized_attention(q, k, v, mask, q_offset=off, precision=precision,
                                                       return_lse=True, p_max="running")
     want, want_lse = qz.quantized_attention_torch(q, k, v, mask, q_offset=off, precision=precision, return_lse=True,
@@ -315,7 +306,7 @@ def test_quantization_pass_matches_torch(precision):
 def test_kernel_tma_path(mname, load_path):
     B, Sq, Sk, off = 2, 37, 113, 76
     q, k, v = make_qkv(B, Sq, Sk, 4, 2, 64, seed=37)
-    mask = make_mask(mname, B, Sk)
+    mask = make_mask(mname, B, Sk, window=9)
     out, lse = triton_int8.triton_quantized_attention(q, k, v, mask, q_offset=off, return_lse=True)
     want, want_lse = qz.quantized_attention_torch(q, k, v, mask, q_offset=off, return_lse=True,
                                                   block_n=kernel_block_n())
@@ -371,7 +362,7 @@ def test_attention_entry_with_backend_triton_runs_the_kernel(precision):
 
     B, Sq, Sk, off = 2, 37, 113, 76
     q, k, v = make_qkv(B, Sq, Sk, 4, 2, 64, seed=53, outliers=True)
-    mask = make_mask("pad_causal", B, Sk)
+    mask = make_mask("pad_causal", B, Sk, window=9)
     assert select.kernel_for("triton", q, k, mask, off, True, precision) == "quantized-triton"
     out, lse = attention(q, k, v, mask, q_offset=off, backend="triton", precision=precision, return_lse=True)
     want, want_lse = triton_int8.triton_quantized_attention(q, k, v, mask, q_offset=off, precision=precision,

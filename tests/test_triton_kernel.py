@@ -24,6 +24,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
 from fastattn_dist import Causal, KeyPadding, NoMask, SlidingWindow, attention  # noqa: E402
 from fastattn_dist.reference_block import attention64  # noqa: E402
+from mask_cases import make_mask  # noqa: E402
 
 if "fastattn_dist.attention.triton_fa" in sys.modules:  # imported earlier without the interpreter: rebuild
     importlib.reload(sys.modules["fastattn_dist.attention.triton_fa"])
@@ -35,17 +36,6 @@ assert triton_fa.INTERPRETED
 # TF32 on CPU), so only summation-order rounding; fp16: P is rounded to fp16 before P @ V.
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 LSE_TOL = 1e-4  # absolute, natural log units; LSE is accumulated in fp32 for every input dtype
-
-
-def make_mask(name, B, S, q_offset=0):
-    total = S + q_offset
-    return {
-        "none": lambda: NoMask(),
-        "causal": lambda: Causal(),
-        "window": lambda: SlidingWindow(7),
-        "pad_causal": lambda: KeyPadding([max(1, total // 2), total][:B] + [total] * (B - 2)),
-        "pad_full": lambda: KeyPadding([total, max(1, total - 5)][:B] + [total] * (B - 2), causal=False),
-    }[name]()
 
 
 def rand(*shape, dtype, g):
@@ -111,7 +101,7 @@ CASES = [
 def test_matches_reference(case):
     B, Sq, Sk, Hq, Hkv, D, mname, off, dt = case
     q, k, v = qkv(B, Sq, Sk, Hq, Hkv, D, dt, seed=hash(case) % 1000)
-    mask = make_mask(mname, B, Sq, off)
+    mask = make_mask(mname, B, Sq + off, window=7)
     out, lse = triton_fa.triton_attention(q, k, v, mask, q_offset=off, return_lse=True)
     assert out.shape == q.shape and out.dtype == dt
     check(out, lse, q, k, v, mask, off, mname)
@@ -121,7 +111,7 @@ def test_matches_reference(case):
 def test_tma_path_matches_reference(mname, load_path):
     B, Sq, Sk, off = 2, 37, 100, 63
     q, k, v = qkv(B, Sq, Sk, 4, 2, 32, F32, seed=7)
-    mask = make_mask(mname, B, Sq, off)
+    mask = make_mask(mname, B, Sq + off, window=7)
     out, lse = triton_fa.triton_attention(q, k, v, mask, q_offset=off, return_lse=True)
     check(out, lse, q, k, v, mask, off, mname)
 

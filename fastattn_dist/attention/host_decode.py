@@ -53,6 +53,7 @@ _KERNEL_SOURCE = r"""
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -266,28 +267,32 @@ inline void value_rows(const float* p, const E* v, int64_t v_st, int n, int D, f
     for (; d0 < D; d0 += 2 * W) value_tile<GB, 1>(p, v, v_st, n, D, d0, acc, pf);
 }
 
-template <typename E>
-void block_scores(const float* q, int G, int D, const E* k, int64_t k_st, int n, float* s, int64_t pf) {
-    for (int g0 = 0; g0 < G;) {  // groups of heads re-read the block from L1
-        int gb = std::min(SCORE_HEADS, G - g0);
-        if (gb == 4) score_rows<4>(q + g0 * D, D, k, k_st, n, s + g0 * BLOCK, g0 ? 0 : pf);
-        else if (gb == 3) score_rows<3>(q + g0 * D, D, k, k_st, n, s + g0 * BLOCK, g0 ? 0 : pf);
-        else if (gb == 2) score_rows<2>(q + g0 * D, D, k, k_st, n, s + g0 * BLOCK, g0 ? 0 : pf);
-        else score_rows<1>(q + g0 * D, D, k, k_st, n, s + g0 * BLOCK, g0 ? 0 : pf);
+// rows(g0, R) for the heads [g0, g0 + R) of G in groups of at most MAX (<= 4), R as a compile-time constant:
+// groups of heads re-read the block from L1
+template <int MAX, typename F>
+void head_groups(int G, F&& rows) {
+    for (int g0 = 0; g0 < G;) {
+        int gb = std::min(MAX, G - g0);
+        if (gb >= 4) rows(g0, std::integral_constant<int, 4>{});
+        else if (gb == 3) rows(g0, std::integral_constant<int, 3>{});
+        else if (gb == 2) rows(g0, std::integral_constant<int, 2>{});
+        else rows(g0, std::integral_constant<int, 1>{});
         g0 += gb;
     }
 }
 
 template <typename E>
+void block_scores(const float* q, int G, int D, const E* k, int64_t k_st, int n, float* s, int64_t pf) {
+    head_groups<SCORE_HEADS>(G, [&](int g0, auto R) {
+        score_rows<decltype(R)::value>(q + g0 * D, D, k, k_st, n, s + g0 * BLOCK, g0 ? 0 : pf);
+    });
+}
+
+template <typename E>
 void block_values(const float* p, int G, int D, const E* v, int64_t v_st, int n, float* acc, int64_t pf) {
-    for (int g0 = 0; g0 < G;) {
-        int gb = std::min(VALUE_HEADS, G - g0);
-        if (gb == 4) value_rows<4>(p + g0 * BLOCK, v, v_st, n, D, acc + g0 * D, g0 ? 0 : pf);
-        else if (gb == 3) value_rows<3>(p + g0 * BLOCK, v, v_st, n, D, acc + g0 * D, g0 ? 0 : pf);
-        else if (gb == 2) value_rows<2>(p + g0 * BLOCK, v, v_st, n, D, acc + g0 * D, g0 ? 0 : pf);
-        else value_rows<1>(p + g0 * BLOCK, v, v_st, n, D, acc + g0 * D, g0 ? 0 : pf);
-        g0 += gb;
-    }
+    head_groups<VALUE_HEADS>(G, [&](int g0, auto R) {
+        value_rows<decltype(R)::value>(p + g0 * BLOCK, v, v_st, n, D, acc + g0 * D, g0 ? 0 : pf);
+    });
 }
 
 // One block of nb keys of one kv head folded into its G query heads' online softmax: the running max m (log2

@@ -253,15 +253,8 @@ def quantize_p(p_scaled: torch.Tensor, fmt: str):
 # ------------------------------------------------------------------------------------------------
 
 def _visible(mask: Mask, q_pos: torch.Tensor, k_pos: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """[B, 1, 1, Sq, n] visibility of one key block (causal, window, key lengths)."""
-    ok = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
-    if mask.causal:
-        diff = q_pos[:, None] - k_pos[None, :]
-        ok = diff >= 0
-        if mask.window is not None:
-            ok = ok & (diff < mask.window)
-    ok = ok[None] & (k_pos[None, None, :] < lens[:, None, None])
-    return ok[:, None, None]
+    """[B, 1, 1, Sq, n] visibility of one key block: the mask's causality and window, every sequence's ``lens``."""
+    return Mask(mask.causal, mask.window, lens).visible(q_pos, k_pos)[:, None, None]
 
 
 def _key_block(state, qd, sq, kv: QuantizedKV, ks: int, ke: int, mask: Mask, q_pos, lens, p_max: str):

@@ -40,12 +40,42 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, start_n, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col,
+def key_blocks(block_fn: tl.constexpr, carry, start, end, ops, flags: tl.constexpr, BLOCK_N: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """One stage of a kernel's key loop (this one's and the 8-bit one's): ``carry = block_fn(carry, start_n, *ops,
+    *flags)`` for the key blocks [start, end) in steps of BLOCK_N; ``ops``: the block's operands, ``flags``: its
+    constexprs (tuples: the code generator flattens them)."""
+    if INTERPRET:
+        # the interpreter cannot take tensor bounds in range() with NumPy >= 2.4; same body, while loop
+        start_n = start
+        while start_n < end:
+            carry = block_fn(carry, start_n, *ops, *flags)
+            start_n += BLOCK_N
+    else:
+        for start_n in tl.range(start, end, BLOCK_N):
+            carry = block_fn(carry, tl.multiple_of(start_n, BLOCK_N), *ops, *flags)
+    return carry
+
+
+@triton.jit
+def block_visible(kv_ok, k_pos, q_pos, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[rows, keys] visibility in a masked block: keys in the range (``kv_ok``), the causal and window edges."""
+    vis = kv_ok[None, :]
+    if IS_CAUSAL:
+        vis = vis & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        vis = vis & (k_pos[None, :] > q_pos[:, None] - window)
+    return vis
+
+
+@triton.jit
+def _attn_block(carry, start_n, q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col,
                 stride_kn, stride_vn, lo, hi, q_pos, qk_scale, window,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 DOT_PREC: tl.constexpr):
-    """One key block [start_n, start_n + BLOCK_N): scores, online softmax, P @ V."""
+    """One key block [start_n, start_n + BLOCK_N): scores, online softmax, P @ V (``key_blocks``' block_fn)."""
+    acc, l_i, m_i = carry
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
@@ -65,13 +95,8 @@ def _attn_block(acc, l_i, m_i, q, start_n, k_ptrs, v_ptrs, k_desc, v_desc, kv_ro
         k = tl.load(k_ptrs + k_off)
     qk = tl.dot(q, k, input_precision=DOT_PREC)
     if MASKED:
-        vis = kv_ok[None, :]
-        if IS_CAUSAL:
-            vis = vis & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (k_pos[None, :] > q_pos[:, None] - window)
         # where (not an additive -1e6): garbage in a partially loaded block cannot leak as NaN
-        qk = tl.where(vis, qk * qk_scale, float("-inf"))
+        qk = tl.where(block_visible(kv_ok, k_pos, q_pos, window, IS_CAUSAL, HAS_WINDOW), qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,27 +123,24 @@ def _attn_block(acc, l_i, m_i, q, start_n, k_ptrs, v_ptrs, k_desc, v_desc, kv_ro
 
 
 @triton.jit
-def _attn_stage(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col, stride_kn, stride_vn,
-                start, end, lo, hi, q_pos, qk_scale, window,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """The inner loop: key blocks [start, end) in steps of BLOCK_N; MASKED applies the mask element-wise."""
-    if INTERPRET:
-        # the interpreter cannot take tensor bounds in range() with NumPy >= 2.4; same body, while loop
-        start_n = start
-        while start_n < end:
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, start_n, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col,
-                                        v_col, stride_kn, stride_vn, lo, hi, q_pos, qk_scale, window, MASKED,
-                                        IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC)
-            start_n += BLOCK_N
-    else:
-        for start_n in tl.range(start, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, start_n, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col,
-                                        v_col, stride_kn, stride_vn, lo, hi, q_pos, qk_scale, window, MASKED,
-                                        IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC)
-    return acc, l_i, m_i
+def program_tile(Hq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's (batch, head) and query block, (pid_bh, b, h, m0, offs_m, offs_n, offs_d, d_ok): heads on
+    axis 0, query blocks on axis 1 in reverse (under a causal mask the costliest blocks start first, the tail of
+    the wave is made of cheap ones), so programs of one KV group run side by side and their K/V reads hit L2."""
+    pid_bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    offs_d = tl.arange(0, D_PAD)
+    return (pid_bh, pid_bh // Hq, pid_bh % Hq, m0, m0 + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), offs_d,
+            offs_d < HEAD_DIM)
+
+
+@triton.jit
+def key_length(KL, b, Sk, HAS_KEY_LENGTHS: tl.constexpr):
+    """Sequence b's number of keys: ``KL[b]`` (at most Sk) where lengths are given, else Sk."""
+    n = Sk
+    if HAS_KEY_LENGTHS:
+        n = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
+    return n
 
 
 @triton.jit
@@ -126,9 +148,7 @@ def _key_range(KL, b, Sq, Sk, q_offset, m0, window, HAS_KEY_LENGTHS: tl.constexp
                HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keys [lo, hi) the program's rows can see, from the mask description, and its three stages: masked
     [s1, e1) (the window's left edge), unmasked whole blocks [s2, e2), masked [e2, hi) (diagonal, key length)."""
-    kv_len = Sk
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
+    kv_len = key_length(KL, b, Sk, HAS_KEY_LENGTHS)
     p_min = q_offset + m0
     p_max = q_offset + tl.minimum(m0 + BLOCK_M, Sq) - 1
     hi = kv_len
@@ -176,21 +196,9 @@ def _attn_fwd(Q, K, V, O, LSE, KL, q_desc, k_desc, v_desc,
               HAS_KEY_LENGTHS: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
               INTERPRET: tl.constexpr = False):
-    # heads on axis 0, query blocks on axis 1 in reverse: under a causal mask the costliest blocks
-    # start first (the tail of the wave is made of cheap ones), and programs of one KV group run
-    # side by side so their K/V reads hit L2.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_bh, b, h, m0, offs_m, offs_n, offs_d, d_ok = program_tile(Hq, BLOCK_M, BLOCK_N, D_PAD, HEAD_DIM)
     hk = h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     q_pos = q_offset + offs_m
-
     lo, hi, s1, e1, s2, e2 = _key_range(KL, b, Sq, Sk, q_offset, m0, window, HAS_KEY_LENGTHS, IS_CAUSAL, HAS_WINDOW,
                                         BLOCK_M, BLOCK_N)
 
@@ -212,16 +220,18 @@ def _attn_fwd(Q, K, V, O, LSE, KL, q_desc, k_desc, v_desc,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    # three stages: masked (the window's left edge), whole unmasked blocks, masked (diagonal, key length)
+    ops = (q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col, stride_ks, stride_vs, lo, hi, q_pos, qk_scale,
+           window)
+    carry = (acc, l_i, m_i)
     if HAS_WINDOW:
-        acc, l_i, m_i = _attn_stage(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col,
-                                    stride_ks, stride_vs, s1, e1, lo, hi, q_pos, qk_scale, window,
-                                    True, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, INTERPRET)
-    acc, l_i, m_i = _attn_stage(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col,
-                                stride_ks, stride_vs, s2, e2, lo, hi, q_pos, qk_scale, window,
-                                False, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, INTERPRET)
-    acc, l_i, m_i = _attn_stage(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv_row0, k_col, v_col,
-                                stride_ks, stride_vs, e2, hi, lo, hi, q_pos, qk_scale, window,
-                                True, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, INTERPRET)
+        carry = key_blocks(_attn_block, carry, s1, e1, ops,
+                           (True, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC), BLOCK_N, INTERPRET)
+    carry = key_blocks(_attn_block, carry, s2, e2, ops,
+                       (False, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC), BLOCK_N, INTERPRET)
+    acc, l_i, m_i = key_blocks(_attn_block, carry, e2, hi, ops,
+                               (True, IS_CAUSAL, HAS_WINDOW, USE_TMA, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC), BLOCK_N,
+                               INTERPRET)
 
     _epilogue(acc, l_i, m_i, O, LSE, b, h, pid_bh, offs_m, offs_d, d_ok, Sq, stride_ob, stride_os, stride_oh,
               stride_od, RETURN_LSE)
@@ -264,24 +274,40 @@ def family_configs(major: int, d_pad: int = 128):
     ]
 
 
-def _prune(configs, nargs, **kw):
-    d = kw["D_PAD"]
-    esize = nargs["Q"].element_size()
-    max_smem = _max_smem(nargs["Q"].device)
-    tma_ok = nargs["q_desc"] is not None
+def prune_configs(configs, nargs, tma_ok: bool, smem_bytes):
+    """The configs that can run a call (both kernels' early prune): TMA ones only with descriptors, tiles whose
+    shared memory ``smem_bytes(BLOCK_M, BLOCK_N, stages)`` fits, no 128-row tiles on 4 warps at d >= 128 (register
+    spills: the fp32 accumulator and the block product do not fit 128 threads' registers), no 128-row tiles for
+    64 rows or fewer; never empty (the smallest tile)."""
+    d, max_smem = nargs["D_PAD"], _max_smem(nargs["O"].device)
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.kwargs["USE_TMA"] and not tma_ok:
+        if (c.kwargs["USE_TMA"] and not tma_ok) or smem_bytes(bm, bn, c.num_stages) > max_smem:
             continue
-        if (bm * d + max(c.num_stages - 1, 1) * 2 * bn * d) * esize > max_smem:
-            continue  # cannot fit: skip the compile
-        if d >= 128 and bm == 128 and c.num_warps == 4:
-            continue  # register spills (see family_configs)
-        if nargs["Sq"] <= 64 and bm > 64:
-            continue  # short tiles: do not compute 128 rows to keep 64
+        if (d >= 128 and bm == 128 and c.num_warps == 4) or (nargs["Sq"] <= 64 and bm > 64):
+            continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune(configs, nargs, **kw):
+    d, esize = kw["D_PAD"], nargs["Q"].element_size()
+    return prune_configs(configs, dict(nargs, **kw), nargs["q_desc"] is not None,
+                         lambda bm, bn, stages: (bm * d + max(stages - 1, 1) * 2 * bn * d) * esize)
+
+
+def launch_outputs(q: torch.Tensor, mask: Mask, out: Optional[torch.Tensor], return_lse: bool):
+    """What both kernels' wrappers pass beside the inputs: the output (``out``, or a new tensor like ``q``), the
+    LSE ``[B, Hq, Sq]`` fp32 (None unless asked), the mask's key lengths on q's device (or None) and its window
+    (0: none)."""
+    B, Sq, Hq, _ = q.shape
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    kl = mask.key_lengths
+    if kl is not None and kl.device != q.device:
+        kl = kl.to(q.device)
+    window = mask.window if (mask.causal and mask.window is not None) else 0
+    return (torch.empty_like(q) if out is None else out), lse, kl, window
 
 
 def _index(device) -> int:
@@ -357,12 +383,13 @@ def _tma_descs(q, k, v, d_pad):
     return tuple(descs)
 
 
-def _fixed_config(interp: bool) -> Optional[dict]:
-    """The one config a call uses without autotuning: the interpreter's, or FASTATTN_TRITON_CONFIG's."""
+def fixed_config(interp: bool, env: str = _ENV_CONFIG, interpret_config: dict = INTERPRET_CONFIG) -> Optional[dict]:
+    """The one config a call uses without autotuning (None: autotune): ``interpret_config`` under the interpreter,
+    else what the variable ``env`` says ("BLOCK_M,BLOCK_N,warps,stages[,tma]"; FASTATTN_TRITON_CONFIG here)."""
     if interp:
-        return dict(INTERPRET_CONFIG)
-    if os.environ.get(_ENV_CONFIG):
-        bm, bn, w, s, *t = (int(x) for x in os.environ[_ENV_CONFIG].split(","))
+        return dict(interpret_config)
+    if os.environ.get(env):
+        bm, bn, w, s, *t = (int(x) for x in os.environ[env].split(","))
         return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "USE_TMA": bool(t and t[0])}
     return None
 
@@ -382,13 +409,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
         raise RuntimeError("the triton backend runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 "
                            "(set before fastattn_dist.attention.triton_fa is imported)")
     d_pad = max(16, triton.next_power_of_2(D))
-    if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
-    kl = mask.key_lengths
-    if kl is not None and kl.device != q.device:
-        kl = kl.to(q.device)
-    window = mask.window if (mask.causal and mask.window is not None) else 0
+    out, lse, kl, window = launch_outputs(q, mask, out, return_lse)
     # fp32 inputs: exact products unless the user allowed TF32 for matmuls; 16-bit inputs: tensor cores
     dot_prec = "ieee" if q.dtype == torch.float32 and (interp or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
     args = (q, k, v, out, lse if lse is not None else out, kl if kl is not None else out)
@@ -401,7 +422,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     def grid(m):
         return (B * Hq, triton.cdiv(Sq, m["BLOCK_M"]))
 
-    fixed = _fixed_config(interp)
+    fixed = fixed_config(interp)
     major = 0 if interp else _capability_major(q.device)
     descs = (None, None, None)
     if (fixed is None and major >= 9) or (fixed is not None and fixed.get("USE_TMA")):

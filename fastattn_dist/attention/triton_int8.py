@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -63,7 +62,8 @@ except ImportError:  # pragma: no cover
 from ..masks import Mask, MaskLike, resolve_mask
 from . import quantized as qz
 # shared with the bf16 kernel: the key range and stages, the device's index and shared memory, size buckets
-from .triton_fa import _index, _key_range, _max_smem, _pow2_bucket
+from .triton_fa import (_index, _key_range, _pow2_bucket, block_visible, fixed_config, key_blocks, key_length,
+                        launch_outputs, program_tile, prune_configs)
 from .quantized import LOG2E, QuantizedKV
 
 STATS_CHUNK = 256  # keys per program of pass 1
@@ -138,9 +138,7 @@ def _kv_stats(K, V, KL, KSUM, VMAX, Sk, Hkv, n_chunks,
     c = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
-    kv_len = Sk
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
+    kv_len = key_length(KL, b, Sk, HAS_KEY_LENGTHS)
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -169,9 +167,7 @@ def _kv_finalize(KSUM, VMAX, KL, KMEAN, VSCALE, VINV, Sk, Hkv, n_chunks,
     b = bh // Hkv
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
-    kv_len = Sk
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
+    kv_len = key_length(KL, b, Sk, HAS_KEY_LENGTHS)
     ksum = tl.zeros([D_PAD], tl.float64)
     vmax = tl.zeros([D_PAD], tl.float32)
     base = bh.to(tl.int64) * n_chunks * D_PAD + d
@@ -207,9 +203,7 @@ def _kv_quantize(K, V, KL, KMEAN, VINV, K8, KSC, VT, Sk, Sk_pad, Hkv,
     bh = tl.program_id(0)
     b = bh // Hkv
     hk = bh % Hkv
-    kv_len = Sk
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(KL + b).to(tl.int32), Sk)
+    kv_len = key_length(KL, b, Sk, HAS_KEY_LENGTHS)
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
@@ -265,12 +259,7 @@ def _qattn_scores(q8, sq, start_n, k_ptrs, ks_ptrs, k_desc, k_row0, lo, hi, q_po
         qk = _small_int_to_f32(tl.dot(q8, k, out_dtype=tl.int32))  # |qk| <= 127^2 * D_PAD < 2^22
     s = qk * sq[:, None] * sk[None, :]
     if MASKED:
-        vis = kv_ok[None, :]
-        if IS_CAUSAL:
-            vis = vis & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (k_pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(block_visible(kv_ok, k_pos, q_pos, window, IS_CAUSAL, HAS_WINDOW), s, float("-inf"))
     return s, kv_ok
 
 
@@ -336,12 +325,13 @@ def _qattn_pv(p8, start_n, vt_ptrs, v_desc, v_row0, kv_ok, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
-                 lo, hi, q_pos, window,
-                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
-                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
-                 D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
-    """One key block [start_n, start_n + BLOCK_N): 8-bit scores, online softmax, 8-bit P @ V."""
+def _qattn_block(carry, start_n, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0, lo, hi, q_pos,
+                 window, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 USE_TMA: tl.constexpr, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr,
+                 BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+    """One key block [start_n, start_n + BLOCK_N): 8-bit scores, online softmax, 8-bit P @ V (the block_fn of
+    triton_fa.key_blocks)."""
+    acc, l_i, m_i = carry
     s, kv_ok = _qattn_scores(q8, sq, start_n, k_ptrs, ks_ptrs, k_desc, k_row0, lo, hi, q_pos, window, MASKED,
                              IS_CAUSAL, HAS_WINDOW, USE_TMA, QK_FP8, BLOCK_N, D_PAD)
     m_new, alpha, m_ref, beta = _qattn_max(s, m_i, MASKED, P_BLOCK_MAX)
@@ -354,30 +344,6 @@ def _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_des
         l_i = l_i * alpha + p_sum
         acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
-
-
-@triton.jit
-def _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
-                 start, end, lo, hi, q_pos, window,
-                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
-                 QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
-                 D_PAD: tl.constexpr, INTERPRET: tl.constexpr):
-    """Key blocks [start, end) in steps of BLOCK_N; MASKED applies the mask element-wise."""
-    if INTERPRET:
-        # the interpreter cannot take tensor bounds in range(): same body, while loop
-        start_n = start
-        while start_n < end:
-            acc, l_i, m_i = _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc,
-                                         k_row0, v_row0, lo, hi, q_pos, window, MASKED, IS_CAUSAL, HAS_WINDOW,
-                                         USE_TMA, QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
-            start_n += BLOCK_N
-    else:
-        for start_n in tl.range(start, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _qattn_block(acc, l_i, m_i, q8, sq, start_n, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc,
-                                         k_row0, v_row0, lo, hi, q_pos, window, MASKED, IS_CAUSAL, HAS_WINDOW,
-                                         USE_TMA, QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -435,18 +401,8 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
                PV_FP8: tl.constexpr, P_BLOCK_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                USE_TMA: tl.constexpr,
                INTERPRET: tl.constexpr = False):
-    # heads on axis 0, query blocks on axis 1 in reverse (costliest causal blocks first; programs of
-    # one KV group side by side so their K/V reads hit L2), as in triton_fa.py
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_bh, b, h, m0, offs_m, offs_n, offs_d, d_ok = program_tile(Hq, BLOCK_M, BLOCK_N, D_PAD, HEAD_DIM)
     bhk = b * Hkv + h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     q_pos = q_offset + offs_m
     # the key range from the mask description and its three stages, as the bf16 kernel's
     lo, hi, s1, e1, s2, e2 = _key_range(KL, b, Sq, Sk, q_offset, m0, window, HAS_KEY_LENGTHS, IS_CAUSAL, HAS_WINDOW,
@@ -464,16 +420,17 @@ def _qattn_fwd(Q, K8, KSC, KMEAN, VT, VSC, O, LSE, KL, k_desc, v_desc,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    # the bf16 kernel's three stages: masked (the window's left edge), whole unmasked blocks, masked (diagonal)
+    ops = (q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0, lo, hi, q_pos, window)
+    carry = (acc, l_i, m_i)
     if HAS_WINDOW:
-        acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
-                                     s1, e1, lo, hi, q_pos, window, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
-                                     QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
-    acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
-                                 s2, e2, lo, hi, q_pos, window, False, IS_CAUSAL, HAS_WINDOW, USE_TMA,
-                                 QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
-    acc, l_i, m_i = _qattn_stage(acc, l_i, m_i, q8, sq, k_ptrs, ks_ptrs, vt_ptrs, k_desc, v_desc, k_row0, v_row0,
-                                 e2, hi, lo, hi, q_pos, window, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
-                                 QK_FP8, PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET)
+        carry = key_blocks(_qattn_block, carry, s1, e1, ops, (True, IS_CAUSAL, HAS_WINDOW, USE_TMA, QK_FP8, PV_FP8,
+                                                               P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET), BLOCK_N, INTERPRET)
+    carry = key_blocks(_qattn_block, carry, s2, e2, ops, (False, IS_CAUSAL, HAS_WINDOW, USE_TMA, QK_FP8, PV_FP8,
+                                                           P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET), BLOCK_N, INTERPRET)
+    acc, l_i, m_i = key_blocks(_qattn_block, carry, e2, hi, ops, (True, IS_CAUSAL, HAS_WINDOW, USE_TMA, QK_FP8,
+                                                                   PV_FP8, P_BLOCK_MAX, BLOCK_N, D_PAD, INTERPRET),
+                               BLOCK_N, INTERPRET)
     _qattn_epilogue(acc, l_i, m_i, lse_shift, O, LSE, VSC, stat, b, h, pid_bh, offs_m, offs_d, d_ok, Sq,
                     stride_ob, stride_os, stride_oh, stride_od, RETURN_LSE, PV_FP8)
 
@@ -508,24 +465,11 @@ def family_configs(major: int, d_pad: int = 128):
 
 
 def _prune(configs, nargs, **kw):
+    # 1-byte tiles: Q (as the dot operand) and the pipelined K and V blocks, plus an fp32 layout-change scratch of
+    # the score tile
     d = kw["D_PAD"]
-    max_smem = _max_smem(nargs["K8"].device)
-    tma_ok = nargs["k_desc"] is not None
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.kwargs["USE_TMA"] and not tma_ok:
-            continue
-        # 1-byte tiles: Q (as the dot operand) and the pipelined K and V blocks, plus an fp32 layout-change
-        # scratch of the score tile
-        if bm * d + max(c.num_stages - 1, 1) * 2 * bn * d + bm * bn * 4 > max_smem:
-            continue
-        if d >= 128 and bm == 128 and c.num_warps == 4:
-            continue  # the fp32 accumulator and the int32 block product do not fit 128 threads' registers
-        if nargs["Sq"] <= 64 and bm > 64:
-            continue  # short tiles: do not compute 128 rows to keep 64
-        keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune_configs(configs, dict(nargs, **kw), nargs["k_desc"] is not None,
+                         lambda bm, bn, stages: bm * d + max(stages - 1, 1) * 2 * bn * d + bm * bn * 4)
 
 
 @functools.cache
@@ -635,14 +579,8 @@ def _tma_descs(kv: QuantizedKV):
 
 
 def _pinned_config(interp: bool, config: Optional[dict]):
-    if config is not None:
-        return dict(config)
-    if interp:
-        return dict(INTERPRET_CONFIG)
-    if os.environ.get(_ENV_CONFIG):
-        bm, bn, w, s, *t = (int(x) for x in os.environ[_ENV_CONFIG].split(","))
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "USE_TMA": bool(t and t[0])}
-    return None
+    """The caller's config, else the interpreter's or FASTATTN_INT8_CONFIG's (None: autotune)."""
+    return dict(config) if config is not None else fixed_config(interp, _ENV_CONFIG, INTERPRET_CONFIG)
 
 
 def _check_quantized_call(q: torch.Tensor, kv: QuantizedKV, out, q_offset, p_max: str) -> None:
@@ -678,13 +616,7 @@ def triton_attention_quantized_kv(q: torch.Tensor, kv: QuantizedKV, mask: Mask, 
     _, Hkv, Sk, dp = kv.k.shape
     sm = qz.softmax_scale(scale, D)
     interp = q.device.type != "cuda"
-    if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
-    kl = mask.key_lengths
-    if kl is not None and kl.device != q.device:
-        kl = kl.to(q.device)
-    window = mask.window if (mask.causal and mask.window is not None) else 0
+    out, lse, kl, window = launch_outputs(q, mask, out, return_lse)
     args = (q, kv.k, kv.k_scale, kv.k_mean, kv.v_t, kv.v_scale, out, lse if lse is not None else out,
             kl if kl is not None else out)
     strides = (*q.stride(), *out.stride())

@@ -25,12 +25,16 @@ from .options import parse_dtype
 
 @dataclass
 class BlockConfig:
+    """One demo or profile job: the block's shape, how it runs, the simulated link, the timing and checks."""
+
     world_size: int = 2
+    # the shape: batch x seq tokens of width hidden; heads query heads share kv_heads key/value heads
     batch: int = 1
     seq: int = 1024
     hidden: int = 1024
     heads: int = 16
     kv_heads: int = 4
+    # how it runs: the tile plan ("auto": the cost model's or a tuned one), the mask, the kernel and precision
     tiles: object = "auto"
     mask: str = "causal"
     dtype: str = "float32"

@@ -151,6 +151,21 @@ class CommPath(Protocol):
     def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
+class InPlaceComm:
+    """What the paths whose all-reduce works in place share: compute writes the tiles' partial sums into ``out``
+    itself, and timing is a flag each path reads its own way."""
+
+    _timing = False
+
+    def enable_timing(self, on: bool = True) -> None:
+        """Record per-tile comm spans (CUDA events on the comm stream, gloo callbacks, the modelled link's)."""
+        self._timing = on
+
+    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Where compute writes the tiles' partial sums: ``out`` itself."""
+        return out
+
+
 def group_world_rank(group=None) -> tuple:
     """(world size, rank) of ``group``, or (1, 0) without torch.distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -158,7 +173,7 @@ def group_world_rank(group=None) -> tuple:
     return 1, 0
 
 
-class ProcessGroupAllReduce:
+class ProcessGroupAllReduce(InPlaceComm):
     """Issues the tiles' all-reduces in order on one process group (and, on CUDA, one comm stream)."""
 
     model = None  # the cost model uses the device profile's comm figures (and the link's, on CPU)
@@ -181,14 +196,6 @@ class ProcessGroupAllReduce:
         if self._stream is None:
             return 0.0
         return nvlink_model(self.world_size).ctas / _sm_count(self.device)
-
-    def enable_timing(self, on: bool = True) -> None:
-        """Record per-tile comm spans (CUDA events on the comm stream, or gloo completion callbacks)."""
-        self._timing = on
-
-    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """Where compute writes the tiles' partial sums: ``out`` itself (the all-reduce is in place)."""
-        return out
 
     def start(self, tensor: torch.Tensor, tile: int, rows=None) -> CommHandle:
         h = CommHandle(tile, tensor.numel() * tensor.element_size())
@@ -237,7 +244,7 @@ class ProcessGroupAllReduce:
         return torch.cat(parts, dim=-1)
 
 
-class NoComm:
+class NoComm(InPlaceComm):
     """Comm off: each rank keeps its own partial sums. Times the compute of a TP rank alone (bench, tune, an
     emulated model's compute). ``all_gather`` returns this rank's part ``world_size`` times (the shape a real
     gather gives; the other ranks' values do not exist here)."""
@@ -247,12 +254,6 @@ class NoComm:
 
     def __init__(self, world_size: int = 1, rank: int = 0) -> None:
         self.world_size, self.rank = world_size, rank
-
-    def enable_timing(self, on: bool = True) -> None:
-        pass
-
-    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        return out
 
     def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
         return CommHandle(tile, piece.numel() * piece.element_size())

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .comm import CommHandle, LinkQueue, comm_stream, on_comm_stream
+from .comm import CommHandle, InPlaceComm, LinkQueue, comm_stream, on_comm_stream
 from .link_models import GpuLinkModel, LinkModel
 
 CE_STREAMS = 4  # copy streams of the copy-engine stand-in
@@ -84,7 +84,7 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-class StandInAllReduce:
+class StandInAllReduce(InPlaceComm):
     """The comm interface of comm.py (``CommPath``) with modelled collectives.
 
     ``world_size`` is the emulated group's; this process is its rank 0. Each ``start`` issues the
@@ -112,12 +112,6 @@ class StandInAllReduce:
         if self.model.path != "nccl":
             return 0.0
         return self.model.ctas / torch.cuda.get_device_properties(self.device).multi_processor_count
-
-    def enable_timing(self, on: bool = True) -> None:
-        self._timing = on
-
-    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        return out
 
     def issue(self, piece: torch.Tensor, seconds: Optional[float] = None) -> None:
         """Enqueue one modelled all-reduce of ``piece`` on the current stream (the caller picks it); ``seconds``:
@@ -172,7 +166,7 @@ class StandInAllReduce:
         return t.repeat(*([1] * (t.dim() - 1)), self.world_size)
 
 
-class LinkStandIn:
+class LinkStandIn(InPlaceComm):
     """The stand-in on CPU: this process plays rank 0 of a TP group of ``world_size`` whose collectives take what
     the simulated link says (sleeps, no CPU burnt; the data is not reduced). The code path of an emulated rank
     (``bench-model --emulate-tp N`` on CPU), not a measurement of anything."""
@@ -183,12 +177,6 @@ class LinkStandIn:
         self.world_size, self.rank, self.model = world_size, 0, link
         self._queue = LinkQueue(link, world_size)
         self._timing = False
-
-    def enable_timing(self, on: bool = True) -> None:
-        self._timing = on
-
-    def prepare(self, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        return out
 
     def start(self, piece: torch.Tensor, tile: int, rows=None) -> CommHandle:
         h = CommHandle(tile, piece.numel() * piece.element_size())

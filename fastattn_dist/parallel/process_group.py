@@ -259,34 +259,35 @@ def rendezvous(addr: str, port: int, rank: int, world_size: int, timeout_s: floa
     hint = ("is torchrun's agent on node 0 still running?" if agent_store else
             "is rank 0 running, and do MASTER_ADDR/MASTER_PORT point at it?")
 
-    def make_store(seconds):
-        return dist.TCPStore(addr, port, world_size, is_master=host, timeout=timedelta(seconds=seconds),
-                             wait_for_workers=False)
+    def open_store(seconds: float, timed_out: str, failed) -> "dist.Store":
+        """The TCPStore within ``seconds``, else a RendezvousError: ``timed_out``, or ``failed(error)``."""
+        try:
+            return _within(lambda: dist.TCPStore(addr, port, world_size, is_master=host, wait_for_workers=False,
+                                                 timeout=timedelta(seconds=seconds)), seconds)
+        except TimeoutError:
+            raise RendezvousError(f"{me}: {timed_out}") from None
+        except Exception as e:
+            raise RendezvousError(f"{me}: {failed(e)}") from None
+
+    def first_line(e: Exception) -> str:
+        return str(e).splitlines()[0]
 
     if host:
-        try:
-            store = _within(lambda: make_store(timeout_s), timeout_s)
-        except TimeoutError:
-            raise RendezvousError(f"{me}: started the rendezvous store on port {port} but could not connect to "
-                                  f"it at {where} within {timeout_s:g} s: is MASTER_ADDR={addr} this host?") from None
-        except Exception as e:
-            why = "address already in use" if "EADDRINUSE" in str(e) else str(e).splitlines()[0]
-            raise RendezvousError(f"{me}: could not listen on rendezvous port {port} ({why}): another process "
-                                  f"holds it? pick a free MASTER_PORT") from None
+        store = open_store(timeout_s, f"started the rendezvous store on port {port} but could not connect to it at "
+                                      f"{where} within {timeout_s:g} s: is MASTER_ADDR={addr} this host?",
+                           lambda e: f"could not listen on rendezvous port {port} ("
+                                     f"{'address already in use' if 'EADDRINUSE' in str(e) else first_line(e)}): "
+                                     f"another process holds it? pick a free MASTER_PORT")
     else:
         why = _wait_until_reachable(addr, port, deadline)
         if why is not None:
             raise RendezvousError(f"{me}: could not reach {owner} at {where} within {timeout_s:g} s ({why}): "
                                   f"{hint}")
-        left = max(deadline - time.monotonic(), 1.0)
-        try:
-            store = _within(lambda: make_store(left), left)
-        except TimeoutError:
-            raise RendezvousError(f"{me}: reached {where} but no rendezvous store answered there within "
-                                  f"{timeout_s:g} s: is another program using port {port}?") from None
-        except Exception as e:
-            raise RendezvousError(f"{me}: could not connect to {owner} at {where} within {timeout_s:g} s: "
-                                  f"{str(e).splitlines()[0]}") from None
+        store = open_store(max(deadline - time.monotonic(), 1.0),
+                           f"reached {where} but no rendezvous store answered there within {timeout_s:g} s: is "
+                           f"another program using port {port}?",
+                           lambda e: f"could not connect to {owner} at {where} within {timeout_s:g} s: "
+                                     f"{first_line(e)}")
     store.set_timeout(timedelta(seconds=timeout_s))
     # The host gives up a moment after the others, so they can still ask its store who is missing.
     _join_barrier(store, rank, world_size, deadline + (1.0 if host else 0.0), timeout_s,

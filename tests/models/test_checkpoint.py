@@ -149,60 +149,46 @@ def _from_hf(hf) -> LlamaConfig:
         torch_dtype=dtype)
 
 
+def _expected(architecture, **differs):
+    """The fields our config should read: the small test shape and transformers' defaults, but ``differs``."""
+    return dict(dict(architecture=architecture, vocab_size=1000, hidden_size=256, intermediate_size=512,
+                     num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, head_dim=32, rms_norm_eps=1e-6,
+                     rope_theta=10000.0, rope_scaling=None, max_position_embeddings=131072, tie_word_embeddings=False,
+                     attention_bias=False, o_bias=False, mlp_bias=False, hidden_act="silu", sliding_window=None,
+                     bos_token_id=1, eos_token_ids=(2,), torch_dtype=None), **differs)
+
+
 def _hf_written_configs():
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
+    small = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_attention_heads=8)
     return {
         "llama": (transformers.LlamaConfig(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=48, max_position_embeddings=131072, rms_norm_eps=1e-5,
-            rope_theta=500000.0, rope_scaling=dict(llama3), attention_bias=True, mlp_bias=True, bos_token_id=7,
-            eos_token_id=[8, 9], dtype="bfloat16"),
-            dict(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=48, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, rope_scaling=llama3, max_position_embeddings=131072,
-                 tie_word_embeddings=False, attention_bias=True, o_bias=True, mlp_bias=True, hidden_act="silu",
-                 sliding_window=None, bos_token_id=7, eos_token_ids=(8, 9), torch_dtype="bfloat16")),
-        "llama_defaults": (transformers.LlamaConfig(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8),
-            dict(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, head_dim=32, rms_norm_eps=1e-6,
-                 rope_theta=10000.0, rope_scaling=None, max_position_embeddings=2048, tie_word_embeddings=False,
-                 attention_bias=False, o_bias=False, mlp_bias=False, hidden_act="silu", sliding_window=None,
-                 bos_token_id=1, eos_token_ids=(2,), torch_dtype=None)),
+            **small, num_hidden_layers=3, num_key_value_heads=2, head_dim=48, max_position_embeddings=131072,
+            rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=dict(llama3), attention_bias=True, mlp_bias=True,
+            bos_token_id=7, eos_token_id=[8, 9], dtype="bfloat16"),
+            _expected("LlamaForCausalLM", num_hidden_layers=3, num_key_value_heads=2, head_dim=48, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, rope_scaling=llama3, attention_bias=True, o_bias=True, mlp_bias=True,
+                      bos_token_id=7, eos_token_ids=(8, 9), torch_dtype="bfloat16")),
+        "llama_defaults": (transformers.LlamaConfig(**small, num_hidden_layers=3),
+                           _expected("LlamaForCausalLM", num_hidden_layers=3, max_position_embeddings=2048)),
         "mistral": (transformers.MistralConfig(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=4, sliding_window=None, rope_theta=1e6, tie_word_embeddings=True),
-            dict(architecture="MistralForCausalLM", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-6,
-                 rope_theta=1e6, rope_scaling=None, max_position_embeddings=131072, tie_word_embeddings=True,
-                 attention_bias=False, o_bias=False, mlp_bias=False, hidden_act="silu", sliding_window=None,
-                 bos_token_id=1, eos_token_ids=(2,), torch_dtype=None)),
-        "mistral_window": (transformers.MistralConfig(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8),
-            dict(architecture="MistralForCausalLM", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, head_dim=32, rms_norm_eps=1e-6,
-                 rope_theta=10000.0, rope_scaling=None, max_position_embeddings=131072, tie_word_embeddings=False,
-                 attention_bias=False, o_bias=False, mlp_bias=False, hidden_act="silu", sliding_window=4096,
-                 bos_token_id=1, eos_token_ids=(2,), torch_dtype=None)),
+            **small, num_hidden_layers=2, num_key_value_heads=4, sliding_window=None, rope_theta=1e6,
+            tie_word_embeddings=True),
+            _expected("MistralForCausalLM", num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=True)),
+        "mistral_window": (transformers.MistralConfig(**small, num_hidden_layers=2),
+                           _expected("MistralForCausalLM", sliding_window=4096)),
         "qwen2": (transformers.Qwen2Config(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=2, rope_scaling={"type": "linear", "factor": 2.0}, tie_word_embeddings=True,
-            eos_token_id=5, dtype="float16"),
-            dict(architecture="Qwen2ForCausalLM", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
-                 rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
-                 max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True, o_bias=False,
-                 mlp_bias=False, hidden_act="silu", sliding_window=None, bos_token_id=None, eos_token_ids=(5,),
-                 torch_dtype="float16")),
+            **small, num_hidden_layers=2, num_key_value_heads=2, rope_scaling={"type": "linear", "factor": 2.0},
+            tie_word_embeddings=True, eos_token_id=5, dtype="float16"),
+            _expected("Qwen2ForCausalLM", num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                      max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
+                      bos_token_id=None, eos_token_ids=(5,), torch_dtype="float16")),
         "qwen2_window": (transformers.Qwen2Config(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=4, use_sliding_window=True, sliding_window=64, max_window_layers=0),
-            dict(architecture="Qwen2ForCausalLM", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                 rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=32768,
-                 tie_word_embeddings=False, attention_bias=True, o_bias=False, mlp_bias=False, hidden_act="silu",
-                 sliding_window=64, bos_token_id=None, eos_token_ids=(), torch_dtype=None)),
+            **small, num_hidden_layers=2, num_key_value_heads=4, use_sliding_window=True, sliding_window=64,
+            max_window_layers=0),
+            _expected("Qwen2ForCausalLM", num_key_value_heads=4, max_position_embeddings=32768, attention_bias=True,
+                      sliding_window=64, bos_token_id=None, eos_token_ids=())),
     }
 
 

@@ -142,10 +142,11 @@ def cmd_bench_model(args) -> int:
     if args.emulate_tp:
         check_world(path if args.layers is None or path not in SHAPES else path, args.emulate_tp)
     link = None if (args.no_link or gpu) else LinkModel(args.link_latency_us, args.link_gbps)
-    opts = BenchModelOptions(path, args.model, dtype, args.batch, (args.seq or [1024])[0],
-                             args.decode_tokens, args.repeats, args.warmup, args.seed, want_hf, link,
-                             bool(args.profile), args.layers if path in SHAPES else None, args.context or [],
-                             modes if args.context else [], attn_precision=args.attn_precision, **extra)
+    opts = BenchModelOptions(path, args.model, dtype, batch=args.batch, seq=(args.seq or [1024])[0],
+                             layers=args.layers if path in SHAPES else None, decode_tokens=args.decode_tokens,
+                             repeats=args.repeats, warmup=args.warmup, seed=args.seed, hf=want_hf, link=link,
+                             profile=bool(args.profile), contexts=args.context or [],
+                             kv_offload=modes if args.context else [], attn_precision=args.attn_precision, **extra)
     res = run_job(bench_model_rank, launch, (opts,), check_world=None if args.emulate_tp else
                   (lambda w: check_world(path, w) or _context_fits(args, cfg, dtype, modes, w)), label="bench-model")
     if res is None:

@@ -45,6 +45,7 @@ class BenchModelOptions:
     dtype: torch.dtype
     batch: int = 1
     seq: int = 1024
+    layers: Optional[int] = None    # a preset with this many layers (a slice of the model)
     decode_tokens: int = 32
     repeats: int = 5
     warmup: int = 3
@@ -52,7 +53,6 @@ class BenchModelOptions:
     hf: bool = True
     link: Optional[LinkModel] = None
     profile: bool = False
-    layers: Optional[int] = None    # a preset with this many layers (a slice of the model)
     contexts: List[Union[int, str]] = field(default_factory=list)   # token counts, or "max"
     kv_offload: List[str] = field(default_factory=list)
     emulate_tp: Optional[int] = None

@@ -19,15 +19,18 @@ from .inputs import check_ids
 
 @dataclass
 class GenerateStats:
+    """What a generate call measured: its prefill, and its decode steps timed apart from it."""
+
     prompt_tokens: int = 0
-    new_tokens: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:

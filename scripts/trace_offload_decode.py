@@ -10,6 +10,7 @@ merge, o_proj, MLP, the next q/k/v and the query's trip to the host). The GPU an
 the step's start (a synchronize, then an event), within tens of microseconds.
 
     python scripts/trace_offload_decode.py --context 65536 --gpu-tokens 32768 --threads 16 15 12 --out OUT
+    python scripts/trace_offload_decode.py --strategies plain fused --profile --out OUT   (the fused loop's gain)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fastattn_dist.models import host_stream, kv_offload  # noqa: E402
+from fastattn_dist.models.decode import FusedTieredDecode, TieredDecode  # noqa: E402
 from fastattn_dist.models.bench_model import BenchModelOptions, build_model, random_ids  # noqa: E402
 from fastattn_dist.models.presets import resolve_model  # noqa: E402
 from trace_offload_prefill import slice_arguments  # noqa: E402  (this folder is on the path of a script)
@@ -76,6 +78,7 @@ class Timeline:
 
 
 TL = Timeline()
+STRATEGIES = {"plain": TieredDecode, "fused": FusedTieredDecode}   # --strategies
 
 
 def sync() -> None:
@@ -149,8 +152,10 @@ def per_layer(rows, layers):
     return {k: round(v * 1e3, 3) for k, v in res.items()}   # milliseconds
 
 
-def run_variant(model, steps: int, threads: int, share, log) -> dict:
+def run_variant(model, steps: int, threads: int, share, log, strategy: str = "") -> dict:
     c = model.cache
+    if strategy:
+        model._decode = STRATEGIES[strategy](model)
     c.cpu_threads = threads
     plan = model.kv_plan
     share0 = plan.decode_cpu_share
@@ -173,13 +178,29 @@ def run_variant(model, steps: int, threads: int, share, log) -> dict:
     plan.decode_cpu_share = share0
     host_keys = sum(max(0, n - c.gpu_tokens) for n in c.host_lengths)   # host_lengths: each sequence's whole length
     host_bytes = host_keys * model.kv_bytes_per_token()
-    res = {"threads": threads, "cpu_share": share if share is not None else share0, "step_ms": step_s * 1e3,
+    res = {"strategy": type(model._decode).__name__, "threads": threads,
+           "cpu_share": share if share is not None else share0, "step_ms": step_s * 1e3,
            "traced_step_ms": traced_s * 1e3, "tokens_per_s": 1 / step_s,
            "host_read_gbps": host_bytes / step_s / 1e9, "per_layer_ms": per_layer(rows, model.config.num_hidden_layers),
            "timeline": [(w, li, round(s * 1e3, 3), round(e * 1e3, 3)) for w, li, s, e in rows]}
-    log(f"threads {threads:2d} share {res['cpu_share']:.2f}: {res['tokens_per_s']:.2f} tok/s, host read "
-        f"{res['host_read_gbps']:.1f} GB/s; per layer ms {res['per_layer_ms']}")
+    log(f"{res['strategy']}: threads {threads:2d} share {res['cpu_share']:.2f}: {res['tokens_per_s']:.2f} tok/s, "
+        f"host read {res['host_read_gbps']:.1f} GB/s; per layer ms {res['per_layer_ms']}")
     return res
+
+
+def profile_step(model, out: str, log) -> None:
+    """The calling thread's operators in one decode step, by their own CPU time (torch.profiler), to a file."""
+    from torch.profiler import ProfilerActivity, profile  # optional: this script only
+
+    tok = torch.zeros(1, dtype=torch.long, device=model.device)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.decode_step(tok)
+        sync()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    with open(out, "w") as f:
+        f.write(table)
+    log(table)
 
 
 def main() -> None:
@@ -187,12 +208,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     p.add_argument("--shares", type=float, nargs="*", default=[], help="CPU shares to try beside the plan's")
+    p.add_argument("--strategies", nargs="*", default=[], choices=sorted(STRATEGIES),
+                   help="decode strategies to compare first, at the plan's share (default: the model's own)")
+    p.add_argument("--profile", action="store_true", help="also the calling thread's operators in one step")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    opts = BenchModelOptions(resolve_model(a.model), a.model, dtype, seq=a.context, layers=a.layers, decode_tokens=a.steps)
-    n = a.context + a.steps * (len(a.threads) + len(a.shares)) + 8
+    opts = BenchModelOptions(resolve_model(a.model), a.model, dtype, seq=a.context, layers=a.layers,
+                             decode_tokens=a.steps)
+    n = a.context + (a.steps + 1) * (len(a.threads) + len(a.shares) + len(a.strategies)) + 8
     model = build_model(opts, dev, max_seq_len=n)
     ids = random_ids(model.config.vocab_size, 1, a.context, 0, dev)
     install_hooks()
@@ -204,12 +229,17 @@ def main() -> None:
         model.reset_cache(1, n)
         log(model.kv_plan.describe())
         model.prefill(ids)
-        runs = [run_variant(model, a.steps, t, None, log) for t in a.threads]
+        own = model._decode
+        runs = [run_variant(model, a.steps, a.threads[0], None, log, name) for name in a.strategies]
+        model._decode = own  # the thread and share variants: the model's own strategy
+        runs += [run_variant(model, a.steps, t, None, log) for t in a.threads]
         runs += [run_variant(model, a.steps, a.threads[0], s, log) for s in a.shares]
+        if a.profile:
+            profile_step(model, os.path.join(a.out, f"profile_offload_decode_{a.model}.txt"), log)
     with open(os.path.join(a.out, f"trace_offload_decode_{a.model}.json"), "w") as f:
         json.dump({"model": a.model, "layers": a.layers, "context": a.context, "gpu_tokens": a.gpu_tokens,
-                   "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "cores": os.cpu_count(), "plan": model.kv_plan.describe(),
-                   "runs": runs}, f, indent=1)
+                   "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "cores": os.cpu_count(),
+                   "plan": model.kv_plan.describe(), "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

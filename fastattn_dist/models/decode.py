@@ -9,7 +9,8 @@
   appended, and attention reads int8 keys and values: kv_cache.py.)
   ``TieredDecode``    a KV cache with a host tier (kv_offload.py): each sequence's new key goes to the tier its
                       position falls in; attention runs on the device tier, on the CPU and on streamed host
-                      blocks at once, merged by LSE. Host work: no graph.
+                      blocks at once, merged by LSE. Host work: no graph. ``FusedTieredDecode``: the same
+                      inside FusedDecode's fused layer loop (GPU).
 
 Every all-reduce and the LM head's gather go through the model's comm path (``CommPath``).
 """
@@ -115,35 +116,67 @@ class FusedDecode(OneTierDecode):
         self.capturable = self.window() is None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        from .triton_fused import add_rms_norm, rope_append, silu_mul  # Triton is optional: GPU runs only
+        from .triton_fused import add_rms_norm, silu_mul  # Triton is optional: GPU runs only
 
         m = self.model
-        cfg, s, c, comm = m.config, m.shape, m.cache, m.comm
+        cfg, c, comm = m.config, m.cache, m.comm
         B, eps = ids.shape[0], cfg.rms_norm_eps
         cos, sin = m.rotary.tables(c.max_seq_len, m.device, torch.float32)
-        kv_len = c.lengths + 1
-        window = self.window()
+        self._kv_len, self._window = c.lengths + 1, self.window()  # the step's, for every layer
         h = m.embed(ids, comm)
         n = add_rms_norm(h, m.layers[0].input_norm, eps)
         for li, layer in enumerate(m.layers):
             attn, mlp = layer.attn, layer.mlp
-            q = rope_append(attn.qkv(n), cos, sin, c.lengths, c.k[li], c.v[li], s.local_heads, s.local_kv_heads,
-                            int8=c.q8[li] if isinstance(c, Int8KVCache) else None)  # quantized as appended
-            a = c.attend(li, q, kv_len, window, m.attn_backend).reshape(B, -1)
+            a = self.fused_attention(li, attn.qkv(n), cos, sin).reshape(B, -1)
             o = comm.all_reduce(a @ attn.o_proj.weight.t())
             n = add_rms_norm(h, layer.post_norm, eps, delta=o, bias=attn.o_proj.bias)
             d = comm.all_reduce(silu_mul(mlp.gate_up(n)) @ mlp.down.weight.t())
             last = li + 1 == len(m.layers)
             n = add_rms_norm(h, m.norm if last else m.layers[li + 1].input_norm, eps, delta=d, bias=mlp.down.bias)
-        c.lengths.add_(1)
+        self.finish()
         return m.lm_head(n, comm)
+
+    def fused_attention(self, li: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Layer li's attention of the new tokens' ``qkv`` rows: rotated, appended to the cache (quantized as
+        appended for the int8 cache), attended."""
+        from .triton_fused import rope_append  # Triton is optional: GPU runs only
+
+        m, c, s = self.model, self.model.cache, self.model.shape
+        q = rope_append(qkv, cos, sin, c.lengths, c.k[li], c.v[li], s.local_heads, s.local_kv_heads,
+                        int8=c.q8[li] if isinstance(c, Int8KVCache) else None)
+        return c.attend(li, q, self._kv_len, self._window, m.attn_backend)
+
+
+class FusedTieredDecode(TieredDecode, FusedDecode):
+    """The fused step over a device + host cache (GPU): TieredDecode's split and attention inside FusedDecode's
+    layer loop. The rotated new key and value go to a scratch token, which ``attend`` then places (device tier
+    or host staging): per layer about 20 fewer kernels on the thread whose launches chain the layers."""
+
+    capturable = False
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.capturable = False  # FusedDecode's __init__ says what a one-tier cache allows
+        c, s = model.cache, model.shape
+        self._new_kv = torch.empty(2, c.batch, 1, s.local_kv_heads, s.head_dim, dtype=model.dtype, device=model.device)
+
+    def fused_attention(self, li, qkv, cos, sin):
+        from .triton_fused import rope_append  # Triton is optional: GPU runs only
+
+        c, s = self.model.cache, self.model.shape
+        k, v = self._new_kv[0], self._new_kv[1]
+        # a sequence stride of 0: the kernel writes each sequence's token at "position p" of the scratch token
+        L = c.max_seq_len
+        q = rope_append(qkv, cos, sin, c.lengths, k.expand(-1, L, -1, -1), v.expand(-1, L, -1, -1), s.local_heads,
+                        s.local_kv_heads)
+        return self.attend(li, q, k, v)
 
 
 def decode_strategy(model):
     """The decode step for the model's current cache (chosen once per cache)."""
     cache = model.cache
     if isinstance(cache, TieredKVCache):
-        return TieredDecode(model)
+        return FusedTieredDecode(model) if fused_kernels(model.device, model.dtype) else TieredDecode(model)
     if isinstance(cache, KVCache) and fused_kernels(model.device, model.dtype):
         return FusedDecode(model)
     return OneTierDecode(model)

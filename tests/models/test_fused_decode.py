@@ -146,3 +146,37 @@ def test_generate_stats_describe_one_call():
     for _ in range(2):
         m.generate([[1, 5, 9]], 6, stop_tokens=[], stats=st)
         assert st.decode_steps == 5 and st.new_tokens == 5 and st.prompt_tokens == 3
+
+
+@pytest.mark.parametrize("name,gpu_tokens,share", [
+    ("llama_gqa", 13, 0.5),       # the longer prompt spills to the host tier, split between CPU and stream
+    ("llama_gqa", 5, 0.0),        # most of both prompts on the host, all streamed
+    ("mistral_window", 9, 1.0),   # a sliding window across the boundary, the host part on the CPU
+])
+def test_fused_tiered_decode_equals_the_torch_tiered_path(tmp_path, name, gpu_tokens, share):
+    """The fused layer loop over a device + host cache (FusedTieredDecode; its new key and value reach the tiers
+    through a scratch token) against TieredDecode from the same prefill: logits and both tiers agree."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841  (make_checkpoint writes with it)
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_llama import PROMPTS, make_checkpoint
+    from fastattn_dist.models.decode import FusedTieredDecode, TieredDecode
+
+    path = make_checkpoint(tmp_path, name)[1]
+    S = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([p + [0] * (S - len(p)) for p in PROMPTS])
+    runs = []
+    for strategy in (TieredDecode, FusedTieredDecode):
+        m = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, kv_offload=gpu_tokens)
+        m.reset_cache(2, S + 8)
+        m.kv_plan.decode_cpu_share = share
+        tok = m.prefill(ids, [len(p) for p in PROMPTS]).argmax(-1)
+        step, logits = strategy(m), []
+        for _ in range(6):
+            logits.append(step(tok))
+            tok = logits[-1].argmax(-1)
+        runs.append((torch.stack(logits), m.cache))
+    (ref, ref_c), (got, got_c) = runs
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    assert got_c.host_lengths == ref_c.host_lengths and torch.equal(got_c.lengths, ref_c.lengths)
+    for a, b in zip(ref_c.k + ref_c.v + ref_c.host_k + ref_c.host_v, got_c.k + got_c.v + got_c.host_k + got_c.host_v):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -26,6 +26,24 @@ from fastattn_dist.models.tiny import tiny_checkpoint  # noqa: E402
 from fastattn_dist.rope import Rotary  # noqa: E402
 
 
+def decode_runs(make_model, strategies, ids, lengths, max_seq_len, steps, share=None):
+    """For each decode strategy, from a fresh model's prefill of ``ids``: ``steps`` greedy steps' logits
+    (stacked) and the cache they leave (``share``: the host tier's CPU share, for a two-tier cache)."""
+    runs = []
+    for strategy in strategies:
+        m = make_model()
+        m.reset_cache(ids.shape[0], max_seq_len)
+        if share is not None:
+            m.kv_plan.decode_cpu_share = share
+        tok = m.prefill(ids, lengths).argmax(-1)
+        step, logits = strategy(m), []
+        for _ in range(steps):
+            logits.append(step(tok))
+            tok = logits[-1].argmax(-1)
+        runs.append((torch.stack(logits), m.cache))
+    return runs
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 def test_add_rms_norm_matches_the_torch_lines(dtype, tol):
     g = torch.Generator().manual_seed(0)
@@ -86,17 +104,9 @@ def test_fused_decode_over_the_int8_cache_equals_the_torch_path():
     from fastattn_dist.models.decode import FusedDecode, OneTierDecode
 
     ids = torch.tensor([[1, 40, 77, 13, 99, 7, 300], [1, 5, 9, 0, 0, 0, 0]])
-    runs = []
-    for strategy in (OneTierDecode, FusedDecode):
-        m = LlamaForCausalLM.from_pretrained(tiny_checkpoint(), kv_dtype="int8")
-        m.reset_cache(2, 32)
-        tok = m.prefill(ids, [7, 3]).argmax(-1)
-        step, logits = strategy(m), []
-        for _ in range(6):
-            logits.append(step(tok))
-            tok = logits[-1].argmax(-1)
-        runs.append((torch.stack(logits), m.cache))
-    (ref, ref_cache), (got, got_cache) = runs
+    (ref, ref_cache), (got, got_cache) = decode_runs(
+        lambda: LlamaForCausalLM.from_pretrained(tiny_checkpoint(), kv_dtype="int8"), (OneTierDecode, FusedDecode),
+        ids, [7, 3], 32, 6)
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
     for li in range(len(ref_cache.q8)):
         a, b = ref_cache.q8[li], got_cache.q8[li]
@@ -115,21 +125,10 @@ def test_fused_decode_steps_equal_the_torch_path():
     path = tiny_checkpoint()
     ids = torch.tensor([[1, 40, 77, 13, 99, 7, 300], [1, 5, 9, 0, 0, 0, 0]])
     lengths = [7, 3]
-    runs = []
     from fastattn_dist.models.decode import FusedDecode, OneTierDecode
 
-    for strategy in (OneTierDecode, FusedDecode):
-        m = LlamaForCausalLM.from_pretrained(path)
-        m.reset_cache(2, 32)
-        tok = m.prefill(ids, lengths).argmax(-1)
-        logits = []
-        step = strategy(m)
-        for _ in range(10):
-            out = step(tok)
-            logits.append(out)
-            tok = out.argmax(-1)
-        runs.append((torch.stack(logits), m.cache))
-    (ref, ref_cache), (got, got_cache) = runs
+    (ref, ref_cache), (got, got_cache) = decode_runs(lambda: LlamaForCausalLM.from_pretrained(path),
+                                                     (OneTierDecode, FusedDecode), ids, lengths, 32, 10)
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
     assert torch.equal(got_cache.lengths, ref_cache.lengths)
     for li in range(len(ref_cache.k)):
@@ -164,18 +163,9 @@ def test_fused_tiered_decode_equals_the_torch_tiered_path(tmp_path, name, gpu_to
     path = make_checkpoint(tmp_path, name)[1]
     S = max(len(p) for p in PROMPTS)
     ids = torch.tensor([p + [0] * (S - len(p)) for p in PROMPTS])
-    runs = []
-    for strategy in (TieredDecode, FusedTieredDecode):
-        m = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, kv_offload=gpu_tokens)
-        m.reset_cache(2, S + 8)
-        m.kv_plan.decode_cpu_share = share
-        tok = m.prefill(ids, [len(p) for p in PROMPTS]).argmax(-1)
-        step, logits = strategy(m), []
-        for _ in range(6):
-            logits.append(step(tok))
-            tok = logits[-1].argmax(-1)
-        runs.append((torch.stack(logits), m.cache))
-    (ref, ref_c), (got, got_c) = runs
+    (ref, ref_c), (got, got_c) = decode_runs(
+        lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, kv_offload=gpu_tokens),
+        (TieredDecode, FusedTieredDecode), ids, [len(p) for p in PROMPTS], S + 8, 6, share)
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
     assert got_c.host_lengths == ref_c.host_lengths and torch.equal(got_c.lengths, ref_c.lengths)
     for a, b in zip(ref_c.k + ref_c.v + ref_c.host_k + ref_c.host_v, got_c.k + got_c.v + got_c.host_k + got_c.host_v):

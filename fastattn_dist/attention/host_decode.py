@@ -271,6 +271,7 @@ inline void value_rows(const float* p, const E* v, int64_t v_st, int n, int D, f
 // groups of heads re-read the block from L1
 template <int MAX, typename F>
 void head_groups(int G, F&& rows) {
+    static_assert(MAX >= 1 && MAX <= 4, "groups of 1 to 4 heads");
     for (int g0 = 0; g0 < G;) {
         int gb = std::min(MAX, G - g0);
         if (gb >= 4) rows(g0, std::integral_constant<int, 4>{});

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -43,6 +43,7 @@ class BenchModelOptions:
     model: str                      # a checkpoint directory or a preset name (presets.py)
     label: str                      # what --model said (tables, file names)
     dtype: torch.dtype
+    _: KW_ONLY                      # the rest by name: a reorder of these fields cannot mix up a caller's values
     batch: int = 1
     seq: int = 1024
     layers: Optional[int] = None    # a preset with this many layers (a slice of the model)

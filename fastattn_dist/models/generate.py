@@ -17,7 +17,7 @@ import torch
 from .inputs import check_ids
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateStats:
     """What a generate call measured: its prefill, and its decode steps timed apart from it."""
 

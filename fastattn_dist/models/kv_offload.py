@@ -390,10 +390,6 @@ def tiered_decode_attention(cache: TieredKVCache, layer: int, q: torch.Tensor, k
     parts += _streamed_parts(cache, layer, q, split, backend)
     if fut is not None:
         parts.append(_to_device(fut.result(), q.device))
-    # The next layer's units are copied after this layer's CPU result went up: host-to-device copies run in
-    # order, and that small copy queued behind a layer of prefetch held every layer ~1 ms (traced on an H200)
-    if layer + 1 < cache.num_layers:
-        cache.stream.prefetch(stream_units(cache, layer + 1, split), [c for _, c in split.stream])
     o = torch.cat([p[0].float().reshape(-1, *q.shape) for p in parts])
     lse = torch.cat([p[1].float().reshape(-1, q.shape[0], q.shape[2], 1) for p in parts])
     return merge_stacked(o, lse)[0].to(q.dtype)
@@ -440,8 +436,8 @@ def _newest_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def _streamed_parts(cache: TieredKVCache, layer: int, q: torch.Tensor, split: DecodeSplit, backend: str):
-    """The stream part: each unit's blocks of every sequence folded into the split-K kernel's batch (the next
-    layer's units are prefetched by the caller, once the CPU part's result is on its way to the device)."""
+    """The stream part: each unit's blocks of every sequence folded into the split-K kernel's batch; then the next
+    layer's units are prefetched into the slots that free up."""
     units = stream_units(cache, layer, split)
     if not units:
         return []
@@ -454,11 +450,14 @@ def _streamed_parts(cache: TieredKVCache, layer: int, q: torch.Tensor, split: De
         o, lse = decode_attention(q.repeat(nb, 1, 1, 1), fold(kb), fold(vb), lens, backend=backend, return_lse=True)
         out.append((o, lse.masked_fill(empty[:, None, None], float("-inf"))))
     cache.stream.consume(units, need, work)
+    if layer + 1 < cache.num_layers:  # the copy engine keeps moving while the CPU part of this layer runs
+        cache.stream.prefetch(stream_units(cache, layer + 1, split), need)
     return out
 
 
 def _to_device(part, device: torch.device):
-    """The CPU part's (out, lse) on ``device`` without a host wait (pinned, then an asynchronous copy)."""
+    """The CPU part's (out, lse) on ``device`` without a host wait (pinned, then an asynchronous copy: from pageable
+    memory CUDA would first wait for the stream's queued work)."""
     if device.type != "cuda":
         return part
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in part)

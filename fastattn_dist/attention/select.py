@@ -188,4 +188,3 @@ def host_decode_kernel_for(impl: str, kernel, unavailable: Optional[str], q: tor
         return "torch", (f"head_dim {D} is not a multiple of {kernel.head_dim_multiple()} or D is not the innermost "
                          "dimension")
     return "compiled", None
-

@@ -22,7 +22,8 @@ from ..profiler.export import write_outputs
 from ..profiler.metrics import format_runs
 from ..profiler.report import render
 from ..runner import run_job
-from .model_options import add_budget_options, check_cache_fits, check_world, gib_bytes, offload_arg, rank_sizing
+from .model_options import (add_budget_options, check_cache_fits, check_precision_offload, check_world, gib_bytes,
+                            offload_arg, rank_sizing)
 from .options import (add_precision_option, add_rank_options, add_standin_path, launch_from_args, nonneg_int, out_dir,
                       parse_dtype, positive_float, positive_int)
 
@@ -53,9 +54,7 @@ def _context_budgets(args, gpu: bool, modes) -> dict:
         return {}
     if args.gpu_budget_gb is not None and not gpu:
         raise ValueError("--gpu-budget-gb caps a GPU's memory: this run is on CPU")
-    if args.attn_precision != "bf16" and any(m != "off" for m in modes):
-        raise ValueError(f"--attn-precision {args.attn_precision} does not go with a host KV tier yet: use "
-                         "--kv-offload off")
+    check_precision_offload(args.attn_precision, modes)
     if "max" in args.context and not gpu and "off" in modes:
         raise ValueError("--context max with --kv-offload off needs a GPU (a CPU device tier has no memory limit); "
                          "give a number of device tokens, e.g. --kv-offload 16")

@@ -22,7 +22,7 @@ from ..models.llama import LlamaForCausalLM
 from ..models.presets import resolve_model
 from ..parallel.link_models import LinkModel
 from ..runner import job_device, run_job
-from .model_options import add_budget_options, check_cache_fits, check_world, offload_arg
+from .model_options import add_budget_options, check_cache_fits, check_precision_offload, check_world, offload_arg
 from .options import (add_precision_option, add_rank_options, launch_from_args, parse_dtype, positive_float,
                       positive_int, tiles_arg)
 
@@ -175,9 +175,7 @@ def cmd_generate(args) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.float32 if launch.device_type() == "cpu" else
                                                          torch.bfloat16)
     kv_offload = offload_arg(args.kv_offload)
-    if args.attn_precision != "bf16" and kv_offload != "off":
-        raise ValueError(f"--attn-precision {args.attn_precision} does not go with a host KV tier yet: use "
-                         "--kv-offload off")
+    check_precision_offload(args.attn_precision, [kv_offload])
     if kv_offload == "auto" and launch.device_type() != "cuda":
         raise ValueError("--kv-offload auto splits the KV cache between a GPU and host memory: this run is on CPU")
     if args.gpu_budget_gb is not None and launch.device_type() != "cuda":

@@ -37,6 +37,13 @@ def check_cache_fits(cfg, dtype: torch.dtype, world: int, kv_offload, tokens: in
     check_request(kv_offload, tokens, batch, rank_sizing(cfg, dtype, world), host, gib_bytes(gpu_budget_gb))
 
 
+def check_precision_offload(attn_precision: str, modes) -> None:
+    """8-bit attention takes no host KV tier yet (the model's check_quantization, as the options say it)."""
+    if attn_precision != "bf16" and any(m != "off" for m in modes):
+        raise ValueError(f"--attn-precision {attn_precision} does not go with a host KV tier yet: use "
+                         "--kv-offload off")
+
+
 def offload_arg(value: str):
     if value in ("off", "auto"):
         return value

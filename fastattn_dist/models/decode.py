@@ -158,18 +158,18 @@ class FusedTieredDecode(TieredDecode, FusedDecode):
         super().__init__(model)
         self.capturable = False  # FusedDecode's __init__ says what a one-tier cache allows
         c, s = model.cache, model.shape
-        self._new_kv = torch.empty(2, c.batch, 1, s.local_kv_heads, s.head_dim, dtype=model.dtype, device=model.device)
+        self._new_k, self._new_v = torch.empty(2, c.batch, 1, s.local_kv_heads, s.head_dim, dtype=model.dtype,
+                                               device=model.device)
+        # rope_append's cache views of the scratch token, a sequence stride of 0: it writes each sequence's token
+        # "at position p", i.e. into the scratch token
+        self._as_cache = [t.expand(-1, c.max_seq_len, -1, -1) for t in (self._new_k, self._new_v)]
 
     def fused_attention(self, li, qkv, cos, sin):
         from .triton_fused import rope_append  # Triton is optional: GPU runs only
 
         c, s = self.model.cache, self.model.shape
-        k, v = self._new_kv[0], self._new_kv[1]
-        # a sequence stride of 0: the kernel writes each sequence's token at "position p" of the scratch token
-        L = c.max_seq_len
-        q = rope_append(qkv, cos, sin, c.lengths, k.expand(-1, L, -1, -1), v.expand(-1, L, -1, -1), s.local_heads,
-                        s.local_kv_heads)
-        return self.attend(li, q, k, v)
+        q = rope_append(qkv, cos, sin, c.lengths, *self._as_cache, s.local_heads, s.local_kv_heads)
+        return self.attend(li, q, self._new_k, self._new_v)
 
 
 def decode_strategy(model):
